@@ -1,0 +1,75 @@
+"""The exceptions QuotaGate raises, shared by every layer and front door."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class QuotaGateError(Exception):
+    """Base class of every error QuotaGate raises on purpose."""
+
+
+class InvalidInput(QuotaGateError, ValueError):
+    """A caller passed a value QuotaGate cannot accept (negative tokens, unknown window, ...)."""
+
+
+class UnknownModel(QuotaGateError, LookupError):
+    """The model has no price and the configuration refuses unpriced models."""
+
+
+class UnknownTicket(QuotaGateError, LookupError):
+    """A ticket id that was never issued, or was cancelled."""
+
+
+class ConfigError(QuotaGateError):
+    """The configuration or the database is missing or unusable."""
+
+
+class StoreUnavailable(QuotaGateError):
+    """The counter store cannot be reached."""
+
+
+@dataclass
+class Refusal:
+    """Why one limit refused a request: everything a client needs to decide when to retry."""
+
+    limit: str
+    metric: str
+    window: str
+    amount: int
+    used: int
+    reserved: int
+    requested: int
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.amount - self.used - self.reserved)
+
+
+class QuotaExceeded(QuotaGateError):
+    """A request does not fit a limit. Carries the refusing limit, what is left and the reset."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+        resets = (
+            f"resets at {refusal.resets_at.isoformat()}" if refusal.resets_at else "never resets"
+        )
+        super().__init__(
+            f"Quota exceeded: {refusal.limit} ({refusal.metric} per {refusal.window}): "
+            f"{refusal.used + refusal.reserved:,} of {refusal.amount:,} used, "
+            f"{refusal.remaining:,} left, {refusal.requested:,} needed; {resets}"
+        )
+
+    @property
+    def limit(self) -> str:
+        return self.refusal.limit
+
+    @property
+    def remaining(self) -> int:
+        return self.refusal.remaining
+
+    @property
+    def resets_at(self) -> datetime | None:
+        return self.refusal.resets_at

@@ -1,0 +1,179 @@
+"""When a limit resets: calendar windows in a timezone, rolling windows and lifetime totals.
+
+A window maps an instant to the *bucket* a charge is written to and to the buckets whose
+sum is the usage that counts now. A calendar window has one bucket per period; a rolling
+window of length L is split into 60 buckets of L/60, and the bucket that straddles the
+window's start is counted whole, which errs on the side of never overspending.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from quotagate.core.errors import InvalidInput
+
+CALENDAR_KINDS = ("minute", "hour", "day", "week", "month")
+ROLLING_BUCKETS = 60
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_ROLLING = re.compile(r"^rolling:(\d+)([smhdw])$")
+
+
+@lru_cache(maxsize=64)
+def zone(name: str) -> ZoneInfo:
+    """The timezone called `name`, with a precise error when it does not exist."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidInput(f"unknown timezone {name!r}") from exc
+
+
+@dataclass(frozen=True)
+class Window:
+    """A reset rule. Build one with :func:`parse_window`; `spec` is its canonical text."""
+
+    kind: str
+    seconds: int = 0
+    reset_hour: int = 0
+    tz: str = "UTC"
+
+    @property
+    def spec(self) -> str:
+        if self.kind == "rolling":
+            return f"rolling:{_format_seconds(self.seconds)}"
+        return self.kind
+
+    @property
+    def key(self) -> str:
+        """Identifies the window in counter keys: a changed timezone starts new counters."""
+        if self.kind in ("day", "week", "month"):
+            return f"{self.kind}@{self.reset_hour}@{self.tz}"
+        if self.kind in ("minute", "hour"):
+            return f"{self.kind}@{self.tz}"
+        return self.spec
+
+    @property
+    def bucket_seconds(self) -> int:
+        return max(1, self.seconds // ROLLING_BUCKETS)
+
+    def describe(self) -> str:
+        if self.kind == "rolling":
+            return f"rolling {_format_seconds(self.seconds)}"
+        if self.kind == "lifetime":
+            return "lifetime"
+        if self.kind in ("day", "week", "month") and self.reset_hour:
+            return f"{self.kind} (resets {self.reset_hour:02d}:00 {self.tz})"
+        return self.kind
+
+    # -- buckets -----------------------------------------------------------------------
+    def bucket(self, at: datetime) -> tuple[int, int | None]:
+        """(start, end) in epoch seconds of the bucket a charge made at `at` belongs to."""
+        if self.kind == "lifetime":
+            return 0, None
+        if self.kind == "rolling":
+            size = self.bucket_seconds
+            start = int(at.timestamp()) // size * size
+            return start, start + size
+        start_dt, end_dt = self.period(at)
+        return int(start_dt.timestamp()), int(end_dt.timestamp())
+
+    def counted_buckets(self, at: datetime) -> list[int]:
+        """Start of every bucket whose charges count against the limit at `at`."""
+        if self.kind != "rolling":
+            return [self.bucket(at)[0]]
+        size = self.bucket_seconds
+        newest = int(at.timestamp()) // size * size
+        oldest = (int(at.timestamp()) - self.seconds) // size * size
+        return list(range(oldest, newest + 1, size))
+
+    def expires_at(self, bucket_start: int) -> int | None:
+        """Epoch second after which a bucket can no longer count against anything."""
+        if self.kind == "lifetime":
+            return None
+        if self.kind == "rolling":
+            return bucket_start + self.bucket_seconds + self.seconds
+        end = self.period(datetime.fromtimestamp(bucket_start, UTC))[1]
+        return int(end.timestamp())
+
+    def resets_at(
+        self, at: datetime, usage_by_bucket: dict[int, int] | None = None
+    ) -> datetime | None:
+        """When capacity comes back: the period's end, or for a rolling window the moment
+        the oldest bucket that still holds usage stops counting."""
+        if self.kind == "lifetime":
+            return None
+        if self.kind == "rolling":
+            held = sorted(b for b, v in (usage_by_bucket or {}).items() if v > 0)
+            first = held[0] if held else self.bucket(at)[0]
+            return datetime.fromtimestamp(first + self.bucket_seconds + self.seconds, UTC)
+        return self.period(at)[1]
+
+    # -- calendar arithmetic -------------------------------------------------------------
+    def period(self, at: datetime) -> tuple[datetime, datetime]:
+        """[start, end) of the calendar period containing `at`, as aware UTC datetimes.
+
+        Boundaries are wall-clock times in the window's timezone, so a day is 23 or 25
+        hours long across a daylight-saving change, as a person there would expect.
+        """
+        tz = zone(self.tz)
+        local = at.astimezone(tz)
+        if self.kind in ("minute", "hour"):
+            unit = 60 if self.kind == "minute" else 3600
+            offset = int(local.utcoffset().total_seconds())  # type: ignore[union-attr]
+            epoch = int(at.timestamp())
+            start = (epoch + offset) // unit * unit - offset
+            return datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(start + unit, UTC)
+        wall = local.replace(tzinfo=None) - timedelta(hours=self.reset_hour)
+        day = wall.date()
+        if self.kind == "day":
+            first, nxt = day, day + timedelta(days=1)
+        elif self.kind == "week":
+            first = day - timedelta(days=day.weekday())
+            nxt = first + timedelta(days=7)
+        elif self.kind == "month":
+            first = day.replace(day=1)
+            nxt = (first + timedelta(days=32)).replace(day=1)
+        else:  # pragma: no cover - parse_window rejects other kinds
+            raise InvalidInput(f"unknown window kind {self.kind!r}")
+        return self._wall_to_utc(first), self._wall_to_utc(nxt)
+
+    def _wall_to_utc(self, day: date) -> datetime:
+        wall = datetime.combine(day, time(self.reset_hour), tzinfo=zone(self.tz))
+        return wall.astimezone(UTC)
+
+
+def _format_seconds(seconds: int) -> str:
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def parse_window(spec: str, tz: str = "UTC", reset_hour: int = 0) -> Window:
+    """Parse `minute|hour|day|week|month|lifetime|rolling:<n><s|m|h|d|w>`.
+
+    >>> parse_window("rolling:24h").seconds
+    86400
+    """
+    text = spec.strip().lower()
+    zone(tz)
+    if not 0 <= reset_hour <= 23:
+        raise InvalidInput(f"reset hour must be 0..23, got {reset_hour}")
+    if text in CALENDAR_KINDS:
+        hour = reset_hour if text in ("day", "week", "month") else 0
+        return Window(kind=text, reset_hour=hour, tz=tz)
+    if text in ("lifetime", "total"):
+        return Window(kind="lifetime")
+    match = _ROLLING.match(text)
+    if match:
+        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+        if not 60 <= seconds <= 366 * 86400:
+            raise InvalidInput(f"rolling window must be between 1 minute and 366 days: {spec!r}")
+        return Window(kind="rolling", seconds=seconds)
+    raise InvalidInput(
+        f"unknown window {spec!r}: use minute, hour, day, week, month, lifetime "
+        "or rolling:<n><s|m|h|d|w> (e.g. rolling:24h)"
+    )

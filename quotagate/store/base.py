@@ -1,0 +1,150 @@
+"""The protocol every counter-and-ledger store implements, and the records it exchanges.
+
+A store has four atomic operations. `reserve` applies :func:`~quotagate.core.decisions.decide`
+to the counters of a request and, if admitted, adds the reservation and records the
+ticket, all in one step. `commit` turns a ticket's reservation into the charged usage and
+writes its ledger row, at most once per ticket. `release` drops a reservation. `repair`
+sets counters to given values. Everything else reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from quotagate.core.decisions import Decision, Hold
+
+
+@dataclass
+class UsageEvent:
+    """One settled request: the immutable ledger row counters are derived from."""
+
+    ticket_id: str
+    user_id: str
+    model: str
+    started_at: float
+    settled_at: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    credits: int = 0  # micro-credits charged
+    key_id: str | None = None
+    channel: str | None = None
+    pool: str | None = None
+    source: str = "allowance"  # allowance | wallet | pool
+    status: str = "settled"  # settled | expired
+    estimated: bool = False
+    excess: int = 0  # units charged beyond a strict limit (the upstream counted more)
+    charges: list[tuple[str, int]] = field(default_factory=list)
+    id: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class StoredTicket:
+    """A pending reservation as the store keeps it; `payload` is the engine's own record."""
+
+    id: str
+    expires_at: float
+    held: tuple[tuple[str, int], ...]
+    max_output: int
+    payload: str
+
+
+@dataclass(frozen=True)
+class CounterDiff:
+    key: str
+    used: int
+    reserved: int
+    expected_used: int
+    expected_reserved: int
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Filters for reading the ledger; None means any."""
+
+    user_id: str | None = None
+    model: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int | None = None
+
+
+class CounterStore(Protocol):
+    url: str
+
+    async def reserve(
+        self,
+        ticket_id: str,
+        holds: Sequence[Hold],
+        want_output: int,
+        *,
+        strict: bool,
+        min_output: int,
+        expires_at: float,
+        payload: str,
+    ) -> Decision:
+        """Decide and, if admitted, reserve on every hold and store the ticket, atomically."""
+        ...
+
+    async def commit(self, ticket_id: str, event: UsageEvent) -> UsageEvent | None:
+        """Replace the ticket's reservation by `event.charges` and write `event`.
+
+        Idempotent: if the ticket was already committed, return the event written then
+        and change nothing. Return None if no such ticket was ever reserved (or it was
+        released).
+        """
+        ...
+
+    async def release(self, ticket_id: str) -> bool:
+        """Drop the ticket's reservation. False if it was not pending."""
+        ...
+
+    async def ticket(self, ticket_id: str) -> StoredTicket | None: ...
+
+    async def expired(self, now: float, limit: int = 500) -> list[StoredTicket]: ...
+
+    async def counters(self, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """(used, reserved) of each key; keys never written are absent."""
+        ...
+
+    async def event(self, ticket_id: str) -> UsageEvent | None: ...
+
+    async def events(self, query: EventQuery) -> list[UsageEvent]: ...
+
+    async def reconcile(self, repair: bool) -> list[CounterDiff]:
+        """Compare every counter with the ledger's charges and the pending reservations."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def expected_counters(
+    events: Sequence[UsageEvent], tickets: Sequence[StoredTicket]
+) -> dict[str, tuple[int, int]]:
+    """What the counters must hold: the ledger's charges as used, pending tickets as reserved."""
+    expected: dict[str, list[int]] = {}
+    for event in events:
+        for key, amount in event.charges:
+            expected.setdefault(key, [0, 0])[0] += amount
+    for ticket in tickets:
+        for key, amount in ticket.held:
+            expected.setdefault(key, [0, 0])[1] += amount
+    return {key: (used, reserved) for key, (used, reserved) in expected.items()}
+
+
+def diff_counters(
+    actual: dict[str, tuple[int, int]], expected: dict[str, tuple[int, int]]
+) -> list[CounterDiff]:
+    diffs = []
+    for key in sorted(actual.keys() | expected.keys()):
+        used, reserved = actual.get(key, (0, 0))
+        want_used, want_reserved = expected.get(key, (0, 0))
+        if (used, reserved) != (want_used, want_reserved):
+            diffs.append(CounterDiff(key, used, reserved, want_used, want_reserved))
+    return diffs

@@ -1,0 +1,274 @@
+"""Counters and ledger in one SQLite file (WAL), shared safely by several processes.
+
+The hot path uses the standard library's sqlite3 directly: an admit or a settle is one
+``BEGIN IMMEDIATE`` transaction of a few statements, which takes SQLite's write lock, so
+the check and the reservation are atomic across processes. Its cost depends on the
+number of counters a request touches, never on the size of the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from quotagate.core.decisions import Decision, Hold, decide
+from quotagate.core.errors import StoreUnavailable
+from quotagate.store.base import (
+    CounterDiff,
+    EventQuery,
+    StoredTicket,
+    UsageEvent,
+    diff_counters,
+    expected_counters,
+)
+
+_EVENT_COLUMNS = (
+    "id, ticket_id, user_id, key_id, model, channel, pool, source, status, estimated, "
+    "started_at, settled_at, prompt_tokens, completion_tokens, cached_tokens, credits, "
+    "excess, charges"
+)
+_UPSERT = (
+    "INSERT INTO counters (key, used, reserved, expires_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(key) DO UPDATE SET used = used + excluded.used, "
+    "reserved = reserved + excluded.reserved"
+)
+
+
+def connect(path: str, timeout: float = 30.0) -> sqlite3.Connection:
+    """A connection tuned for QuotaGate: WAL, NORMAL sync, waits for the write lock."""
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class SQLiteStore:
+    def __init__(self, path: str, url: str | None = None) -> None:
+        self.path = path
+        self.url = url or f"sqlite:///{path}"
+        self._conn = connect(path)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding SQLite's lock from its first statement."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"SQLite store {self.path} is not writable: {exc}") from exc
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _states(self, conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+        found: dict[str, tuple[int, int]] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, used, reserved in conn.execute(
+                f"SELECT key, used, reserved FROM counters WHERE key IN ({marks})", chunk
+            ):
+                found[key] = (used, reserved)
+        return found
+
+    async def reserve(
+        self,
+        ticket_id: str,
+        holds: Sequence[Hold],
+        want_output: int,
+        *,
+        strict: bool,
+        min_output: int,
+        expires_at: float,
+        payload: str,
+    ) -> Decision:
+        with self._write() as conn:
+            found = self._states(conn, [k for hold in holds for k in hold.read_keys])
+            states = [
+                (
+                    sum(found.get(k, (0, 0))[0] for k in hold.read_keys),
+                    sum(found.get(k, (0, 0))[1] for k in hold.read_keys),
+                )
+                for hold in holds
+            ]
+            decision = decide(holds, states, want_output, strict=strict, min_output=min_output)
+            if decision.admitted:
+                conn.executemany(
+                    _UPSERT,
+                    [(h.key, 0, a, h.expires_at) for h, a in zip(holds, decision.amounts)],
+                )
+                held = [[h.key, a] for h, a in zip(holds, decision.amounts)]
+                conn.execute(
+                    "INSERT INTO tickets (id, expires_at, held, max_output, payload) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (ticket_id, expires_at, json.dumps(held), decision.max_output, payload),
+                )
+        return decision
+
+    async def commit(self, ticket_id: str, event: UsageEvent) -> UsageEvent | None:
+        with self._write() as conn:
+            row = conn.execute("SELECT held FROM tickets WHERE id = ?", (ticket_id,)).fetchone()
+            if row is None:
+                return self._event(conn, ticket_id)
+            deltas: dict[str, list[int]] = {}
+            for key, amount in json.loads(row[0]):
+                deltas.setdefault(key, [0, 0])[1] -= amount
+            for key, amount in event.charges:
+                deltas.setdefault(key, [0, 0])[0] += amount
+            conn.executemany(_UPSERT, [(k, u, r, None) for k, (u, r) in deltas.items()])
+            cursor = conn.execute(
+                f"INSERT INTO usage_events ({_EVENT_COLUMNS.removeprefix('id, ')}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.ticket_id,
+                    event.user_id,
+                    event.key_id,
+                    event.model,
+                    event.channel,
+                    event.pool,
+                    event.source,
+                    event.status,
+                    event.estimated,
+                    event.started_at,
+                    event.settled_at,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.cached_tokens,
+                    event.credits,
+                    event.excess,
+                    json.dumps(event.charges),
+                ),
+            )
+            conn.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
+            event.id = cursor.lastrowid
+        return event
+
+    async def release(self, ticket_id: str) -> bool:
+        with self._write() as conn:
+            row = conn.execute("SELECT held FROM tickets WHERE id = ?", (ticket_id,)).fetchone()
+            if row is None:
+                return False
+            held = json.loads(row[0])
+            conn.executemany(_UPSERT, [(key, 0, -amount, None) for key, amount in held])
+            conn.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
+        return True
+
+    async def ticket(self, ticket_id: str) -> StoredTicket | None:
+        row = self._conn.execute(
+            "SELECT id, expires_at, held, max_output, payload FROM tickets WHERE id = ?",
+            (ticket_id,),
+        ).fetchone()
+        return _ticket(row) if row else None
+
+    async def expired(self, now: float, limit: int = 500) -> list[StoredTicket]:
+        rows = self._conn.execute(
+            "SELECT id, expires_at, held, max_output, payload FROM tickets "
+            "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [_ticket(row) for row in rows]
+
+    async def counters(self, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+        return self._states(self._conn, keys)
+
+    async def event(self, ticket_id: str) -> UsageEvent | None:
+        return self._event(self._conn, ticket_id)
+
+    def _event(self, conn: sqlite3.Connection, ticket_id: str) -> UsageEvent | None:
+        row = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM usage_events WHERE ticket_id = ?", (ticket_id,)
+        ).fetchone()
+        return _usage_event(row) if row else None
+
+    async def events(self, query: EventQuery) -> list[UsageEvent]:
+        clauses, params = _where(query)
+        sql = f"SELECT {_EVENT_COLUMNS} FROM usage_events{clauses} ORDER BY id"
+        if query.limit:
+            sql += f" LIMIT {int(query.limit)}"
+        return [_usage_event(row) for row in self._conn.execute(sql, params)]
+
+    async def reconcile(self, repair: bool) -> list[CounterDiff]:
+        with self._write() as conn:
+            actual = {
+                key: (used, reserved)
+                for key, used, reserved in conn.execute(
+                    "SELECT key, used, reserved FROM counters WHERE used != 0 OR reserved != 0"
+                )
+            }
+            events = [
+                _usage_event(row)
+                for row in conn.execute(f"SELECT {_EVENT_COLUMNS} FROM usage_events")
+            ]
+            tickets = [
+                _ticket(row)
+                for row in conn.execute(
+                    "SELECT id, expires_at, held, max_output, payload FROM tickets"
+                )
+            ]
+            diffs = diff_counters(actual, expected_counters(events, tickets))
+            if repair:
+                conn.executemany(
+                    "INSERT INTO counters (key, used, reserved) VALUES (?, ?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET used = excluded.used, "
+                    "reserved = excluded.reserved",
+                    [(d.key, d.expected_used, d.expected_reserved) for d in diffs],
+                )
+        return diffs
+
+    async def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _where(query: EventQuery) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    for column, op, value in (
+        ("user_id", "=", query.user_id),
+        ("model", "=", query.model),
+        ("started_at", ">=", query.since),
+        ("started_at", "<", query.until),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def _ticket(row: tuple) -> StoredTicket:
+    held = tuple((key, amount) for key, amount in json.loads(row[2]))
+    return StoredTicket(row[0], row[1], held, row[3], row[4])
+
+
+def _usage_event(row: tuple) -> UsageEvent:
+    return UsageEvent(
+        id=row[0],
+        ticket_id=row[1],
+        user_id=row[2],
+        key_id=row[3],
+        model=row[4],
+        channel=row[5],
+        pool=row[6],
+        source=row[7],
+        status=row[8],
+        estimated=bool(row[9]),
+        started_at=row[10],
+        settled_at=row[11],
+        prompt_tokens=row[12],
+        completion_tokens=row[13],
+        cached_tokens=row[14],
+        credits=row[15],
+        excess=row[16],
+        charges=[(key, amount) for key, amount in json.loads(row[17])],
+    )
