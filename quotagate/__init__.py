@@ -2,7 +2,8 @@
 
 >>> from quotagate import Engine, AdmitContext
 >>> engine = Engine.from_url("memory://")   # doctest: +SKIP
->>> ticket = await engine.admit(AdmitContext(user="alice", model="gpt-4o", prompt="hi"))  # doctest: +SKIP
+>>> ctx = AdmitContext(user="alice", model="gpt-4o", prompt="hi")  # doctest: +SKIP
+>>> ticket = await engine.admit(ctx)  # doctest: +SKIP
 >>> await engine.settle(ticket, {"prompt_tokens": 9, "completion_tokens": 12})  # doctest: +SKIP
 """
 
