@@ -11,13 +11,49 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+
+class ChannelConfig(BaseModel):
+    """An upstream the gateway routes to (a ``[[channels]]`` table of quotagate.toml).
+
+    The upstream key is never written here: name the environment variable or the file
+    that holds it. Caps become channel limits of the engine, so they are exact and reset
+    with their window (the day in the configured timezone, the minute).
+    """
+
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[^|\s]+$")
+    base_url: str = Field(description="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    models: list[str] | dict[str, str] = Field(
+        description="public model names, or a table public name -> upstream name"
+    )
+    priority: int = 0
+    weight: int = Field(1, ge=1)
+    daily_token_cap: int | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=0, description="requests per minute")
+    tpm: int | None = Field(None, ge=0, description="tokens per minute")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def model_map(self) -> dict[str, str]:
+        """public name -> name sent upstream"""
+        if isinstance(self.models, dict):
+            return dict(self.models)
+        return {m: m for m in self.models}
 
 
 class Settings(BaseSettings):
@@ -41,6 +77,48 @@ class Settings(BaseSettings):
     default_daily_tokens: int = Field(100_000, ge=0, description="set by `quotagate init`")
     bytes_per_token: float = Field(3.0, gt=0, description="offline token estimate")
     catalog_refresh_seconds: float = Field(1.0, ge=0)
+
+    # -- gateway (`quotagate serve`) ---------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    channels: list[ChannelConfig] = Field(
+        default_factory=list, description="upstreams; none anywhere: the built-in demo"
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    auth_cache_seconds: float = Field(10.0, ge=0, description="how long a key lookup is reused")
+    channel_failures: int = Field(3, ge=1, description="consecutive failures before cool-down")
+    channel_cooldown_seconds: float = Field(30.0, ge=0)
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    upstream_timeout: float = Field(600.0, gt=0, description="per read from the upstream")
+    sweep_seconds: float = Field(30.0, gt=0, description="how often expired tickets are settled")
+    access_log: bool = True
+    graceful_shutdown_seconds: float = Field(30.0, ge=0)
+
+    # -- Open WebUI (gateway mode, and the engine API the filters call) ------------------
+    openwebui_roles: dict[str, str] = Field(
+        default_factory=lambda: {"admin": "admin", "user": "user", "pending": "pending"},
+        description="Open WebUI role -> QuotaGate role of a user first seen through Open WebUI",
+    )
+    openwebui_default_role: str = Field(
+        "user", min_length=1, description="QuotaGate role for an Open WebUI role not mapped"
+    )
+    openwebui_sync_roles: bool = Field(
+        True, description="a known user's role follows their Open WebUI role (mapped)"
+    )
+    openwebui_groups: Literal["sync", "ignore"] = Field(
+        "sync", description="sync: a user's groups are the Open WebUI groups a filter sends"
+    )
+    openwebui_tasks: Literal["user", "key"] = Field(
+        "user",
+        description="who pays for Open WebUI's background tasks (titles, tags, follow-ups): "
+        "the person, or the connection key's own user (exempting the person)",
+    )
+    openwebui_task_header: str = Field(
+        "x-openwebui-task",
+        description="request header naming an Open WebUI task (a connection header "
+        "set to {{TASK}} in Open WebUI)",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 
 from quotagate.config import Settings
-from quotagate.core.decisions import Hold
+from quotagate.core.decisions import Decision, Hold
 from quotagate.core.errors import (
     InvalidInput,
     QuotaExceeded,
@@ -39,6 +40,9 @@ from quotagate.store.catalog import Catalog
 log = logging.getLogger("quotagate.engine")
 
 LIFETIME = parse_window("lifetime")
+#: how many (user, model, key, channel, pool) resolutions an engine keeps; beyond that it
+#: starts afresh, which costs one resolution per request until they are known again
+_SPECS_REMEMBERED = 50_000
 
 
 @dataclass
@@ -65,6 +69,10 @@ class TicketHold(BaseModel):
     reserved: int
     limit: int | None
     label: str
+    #: left on the limit once this reservation is held (None: unlimited or not known)
+    remaining: int | None = None
+    #: epoch second the counter's window ends (None: lifetime)
+    resets_at: float | None = None
 
 
 class Ticket(BaseModel):
@@ -90,10 +98,23 @@ class Ticket(BaseModel):
     def clamped(self) -> bool:
         return self.max_tokens < self.requested_max_tokens
 
-    def filled(self, max_output: int, amounts: Sequence[int]) -> Ticket:
-        """This ticket with the store's decision: the clamped completion and what each
-        counter holds."""
-        holds = [h.model_copy(update={"reserved": a}) for h, a in zip(self.holds, amounts)]
+    def filled(
+        self,
+        max_output: int,
+        amounts: Sequence[int],
+        available: Sequence[int | None] = (),
+    ) -> Ticket:
+        """This ticket with the store's decision: the clamped completion, what each
+        counter holds and (when the store says) what each limit has left."""
+        if available:
+            holds = [
+                h.model_copy(
+                    update={"reserved": a, "remaining": None if v is None else max(0, v - a)}
+                )
+                for h, a, v in zip(self.holds, amounts, available)
+            ]
+        else:
+            holds = [h.model_copy(update={"reserved": a}) for h, a in zip(self.holds, amounts)]
         return self.model_copy(update={"max_tokens": max_output, "holds": holds})
 
 
@@ -125,13 +146,22 @@ class _Spec:
     window: Window
     amount: int | None
     label: str
+    scope: str = "allowance"
+    target: str | None = None
+    #: the last window slots and the keys made of them (specs are reused across requests)
+    _keys: tuple[object, tuple[str, tuple[str, ...], int | None]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def keys(self, at: datetime) -> tuple[str, tuple[str, ...], int | None]:
-        bucket, _ = self.window.bucket(at)
-        counted = tuple(
-            f"{self.prefix}|{self.window.key}|{b}" for b in self.window.counted_buckets(at)
-        )
-        return f"{self.prefix}|{self.window.key}|{bucket}", counted, self.window.expires_at(bucket)
+        slots = self.window.slots(at)
+        if self._keys is not None and self._keys[0] is slots:
+            return self._keys[1]
+        bucket, counted, expires = slots
+        stem = f"{self.prefix}|{self.window.key}|"
+        found = f"{stem}{bucket}", tuple(f"{stem}{b}" for b in counted), expires
+        self._keys = (slots, found)
+        return found
 
 
 @dataclass
@@ -150,6 +180,8 @@ class Engine:
         self._version = -1
         self._checked = 0.0
         self._users: dict[str, User] = {}
+        self._prices = _PriceRecords()
+        self._specs: dict[tuple[Any, ...], tuple[list[_Spec], list[_Option]]] = {}
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Engine:
@@ -168,6 +200,7 @@ class Engine:
                 self._version = version
                 self._policy = self.catalog.policy(self._default_price())
                 self._users.clear()
+                self._specs.clear()
         return self._policy
 
     def refresh(self) -> None:
@@ -197,7 +230,7 @@ class Engine:
 
     # -- admit -----------------------------------------------------------------------
     async def admit(self, ctx: AdmitContext, *, now: datetime | None = None) -> Ticket:
-        at = now or datetime.now(UTC)
+        at = _moment(now)
         if not isinstance(ctx.user, str) or not ctx.user:
             raise InvalidInput("user must be a non-empty string")
         if not isinstance(ctx.model, str) or not ctx.model:
@@ -217,61 +250,60 @@ class Engine:
             raise UnknownModel(f"model {ctx.model!r} has no price and unpriced models are refused")
         multiplier = policy.multiplier(user)
 
-        common = self._common_specs(policy, user, ctx)
-        options = self._funding_options(policy, user, ctx)
+        common, options = self._specs_for(policy, user, ctx)
         strict = self.settings.mode == "strict"
         ticket_id = uuid.uuid4().hex
         expires = at.timestamp() + self.settings.lease_seconds
-        # First pass wants the whole request from one source; only when no source can take
-        # it whole is the completion clamped to what the first source that can still leaves.
-        passes = (
-            [want, self.settings.min_output_tokens]
-            if strict and len(options) > 1
-            else [self.settings.min_output_tokens]
-        )
         first_refusal: tuple[_Spec, Hold, int, int] | None = None
-        for min_output in passes:
-            for option in options:
-                specs = common + option.specs
-                holds = [self._hold(spec, at, prompt_tokens, price, multiplier) for spec in specs]
-                pool = option.source.partition(":")[2] or None
-                ticket = Ticket(
-                    id=ticket_id,
-                    user_id=user.id,
-                    model=ctx.model,
-                    key_id=ctx.key_id,
-                    channel=ctx.channel,
-                    pool=pool,
-                    source=option.source.partition(":")[0],
-                    prompt_tokens=prompt_tokens,
-                    max_tokens=want,
-                    requested_max_tokens=want,
-                    started_at=at.timestamp(),
-                    expires_at=expires,
-                    holds=[
-                        TicketHold(
-                            key=h.key, metric=s.metric, reserved=0, limit=s.amount, label=s.label
-                        )
-                        for s, h in zip(specs, holds)
-                    ],
-                    price=price_to_record(price),
-                    multiplier=str(multiplier),
-                )
-                decision = await self.store.reserve(
-                    ticket_id,
-                    holds,
-                    want,
-                    strict=strict,
-                    min_output=min_output,
-                    expires_at=expires,
-                    payload=ticket.model_dump_json(),
-                )
-                if decision.admitted:
-                    return ticket.filled(decision.max_output, decision.amounts)
-                if first_refusal is None:
-                    assert decision.refused is not None
-                    index = decision.refused
-                    first_refusal = (specs[index], holds[index], decision.used, decision.reserved)
+        for option, min_output, reported in self._attempts(user, options, want, strict):
+            specs = common + option.specs
+            holds = [self._hold(spec, at, prompt_tokens, price, multiplier) for spec in specs]
+            pool = option.source.partition(":")[2] or None
+            # The ticket as plain data: it is stored as the payload, and becomes a validated
+            # Ticket once, when admitted (building models per attempt was a hot-path cost).
+            record: dict[str, Any] = {
+                "id": ticket_id,
+                "user_id": user.id,
+                "model": ctx.model,
+                "key_id": ctx.key_id,
+                "channel": ctx.channel,
+                "pool": pool,
+                "source": option.source.partition(":")[0],
+                "prompt_tokens": prompt_tokens,
+                "max_tokens": want,
+                "requested_max_tokens": want,
+                "started_at": at.timestamp(),
+                "expires_at": expires,
+                "holds": [
+                    {
+                        "key": h.key,
+                        "metric": s.metric,
+                        "reserved": 0,
+                        "limit": s.amount,
+                        "label": s.label,
+                        "remaining": None,
+                        "resets_at": h.expires_at,
+                    }
+                    for s, h in zip(specs, holds)
+                ],
+                "price": price_to_record(price, exact=True),
+                "multiplier": str(multiplier),
+            }
+            decision = await self.store.reserve(
+                ticket_id,
+                holds,
+                want,
+                strict=strict,
+                min_output=min_output,
+                expires_at=expires,
+                payload=orjson.dumps(record).decode(),
+            )
+            if decision.admitted:
+                return _admitted(record, decision)
+            if first_refusal is None and reported:
+                assert decision.refused is not None
+                index = decision.refused
+                first_refusal = (specs[index], holds[index], decision.used, decision.reserved)
         assert first_refusal is not None
         raise QuotaExceeded(await self._refusal(*first_refusal, want, at))
 
@@ -281,14 +313,33 @@ class Engine:
         if ctx.messages is not None:
             if not isinstance(ctx.messages, Sequence) or isinstance(ctx.messages, str | bytes):
                 raise InvalidInput("messages must be a list of message objects")
-            if not all(isinstance(m, Mapping) for m in ctx.messages):
-                raise InvalidInput("every message must be an object with role and content")
+            _check_messages(ctx.messages)
             return self.counter.messages(ctx.messages, ctx.model)
         if ctx.prompt is not None:
             if not isinstance(ctx.prompt, str):
                 raise InvalidInput("prompt must be a string")
             return self.counter.text(ctx.prompt, ctx.model)
         return 0
+
+    def _specs_for(
+        self, policy: Policy, user: User, ctx: AdmitContext
+    ) -> tuple[list[_Spec], list[_Option]]:
+        """The limits that apply whoever pays, and where the request may draw from.
+
+        They are the same for every request of this user with this model, key, channel
+        and pool, so they are remembered until the catalog snapshot changes.
+        """
+        key = (user, ctx.model, ctx.key_id, ctx.channel, ctx.pool)
+        found = self._specs.get(key)
+        if found is None:
+            found = (
+                self._common_specs(policy, user, ctx),
+                self._funding_options(policy, user, ctx),
+            )
+            if len(self._specs) >= _SPECS_REMEMBERED:
+                self._specs.clear()
+            self._specs[key] = found
+        return found
 
     def _common_specs(self, policy: Policy, user: User, ctx: AdmitContext) -> list[_Spec]:
         """Limits on the model, the key and the channel: they apply whoever pays."""
@@ -299,8 +350,25 @@ class Engine:
             found += policy.scoped(Scope.CHANNEL, ctx.channel)
         return [self._limit_spec(limit, user) for limit in found]
 
+    def _attempts(
+        self, user: User, options: list[_Option], want: int, strict: bool
+    ) -> Iterator[tuple[_Option, int, bool]]:
+        """(source, min_output, whether a refusal there is the one reported), in order.
+
+        The allowances (or the pool) come first, clamped like any limit. The wallet is
+        drawn from only once the allowances are used up, that is when they cannot admit
+        the request at all; only then is its balance read.
+        """
+        minimum = self.settings.min_output_tokens
+        yield options[0], minimum, True
+        if options[0].source == "allowance" and options[0].specs:
+            funded = self.catalog.wallet_funded(user.id)
+            if funded > 0:
+                yield _Option("wallet", [self._wallet_spec(user, funded)]), minimum, False
+
     def _funding_options(self, policy: Policy, user: User, ctx: AdmitContext) -> list[_Option]:
-        """Where the request may draw from: a pool, or the allowances then the wallet."""
+        """Where the request may draw from: a pool, or the allowances (the wallet, drawn
+        from after them, is added by :meth:`_attempts`)."""
         pool = policy.pool(ctx.pool) if ctx.pool else policy.pool_for_model(ctx.model)
         if ctx.pool and pool is None:
             raise InvalidInput(f"unknown pool {ctx.pool!r}")
@@ -322,21 +390,25 @@ class Engine:
                 for a in policy.allowances(user)
             ],
         )
-        options = [allowance]
-        funded = self.catalog.wallet_funded(user.id) if allowance.specs else 0
-        if funded > 0:
-            options.append(_Option("wallet", [self._wallet_spec(user, funded)]))
-        return options
+        return [allowance]
 
     @staticmethod
     def _wallet_spec(user: User, funded: int) -> _Spec:
-        return _Spec(f"w|{user.id}", Metric.CREDITS, LIFETIME, funded, f"wallet of {user.id}")
+        return _Spec(
+            f"w|{user.id}", Metric.CREDITS, LIFETIME, funded, f"wallet of {user.id}", "wallet"
+        )
 
     @staticmethod
     def _limit_spec(limit: Limit, user: User) -> _Spec:
         subject = user.id if limit.per_user else limit.target
         return _Spec(
-            f"l{limit.id}|{subject}", limit.metric, limit.window, limit.amount, limit.describe()
+            f"l{limit.id}|{subject}",
+            limit.metric,
+            limit.window,
+            limit.amount,
+            limit.describe(),
+            limit.scope.value,
+            limit.target,
         )
 
     @staticmethod
@@ -361,18 +433,31 @@ class Engine:
             reserved=reserved,
             requested=hold.base + hold.per_output * min(want, max(1, want)),
             resets_at=spec.window.resets_at(at, by_bucket),
+            scope=spec.scope,
+            target=spec.target,
         )
 
     # -- settle / cancel -------------------------------------------------------------
     async def settle(
-        self, ticket: Ticket | str, usage: Usage | Mapping[str, Any], *, now: datetime | None = None
+        self,
+        ticket: Ticket | str,
+        usage: Usage | Mapping[str, Any],
+        *,
+        now: datetime | None = None,
+        estimated: bool = False,
     ) -> UsageEvent:
-        """Charge the real usage. Settling a ticket twice returns the first settlement."""
+        """Charge the real usage. Settling a ticket twice returns the first settlement.
+
+        `estimated`: the usage was counted by QuotaGate (no upstream report), which the
+        ledger row says."""
         real = parse_usage(usage)
         loaded = await self._load(ticket)
         if isinstance(loaded, UsageEvent):
-            return loaded
-        return await self._commit(loaded, real, now or datetime.now(UTC), status="settled")
+            return _late(loaded, real)
+        event = await self._commit(
+            loaded, real, _moment(now), status="settled", estimated=estimated
+        )
+        return _late(event, real) if event.status != "settled" else event
 
     async def cancel(self, ticket: Ticket | str) -> bool:
         """Release the reservation; nothing is charged. False if it was not pending."""
@@ -403,10 +488,14 @@ class Engine:
         status: str,
         estimated: bool = False,
     ) -> UsageEvent:
-        price = price_from_record(ticket.price) if ticket.price else None
+        price = self._prices.get(ticket.price) if ticket.price else None
         multiplier = Decimal(ticket.multiplier)
         credits = price.cost(usage, multiplier) if price else 0
-        charges = [(h.key, _charge(h.metric, usage, credits)) for h in ticket.holds]
+        # a released ticket charges nothing, not even the request it never made
+        charges = [
+            (h.key, 0 if status == "released" else _charge(h.metric, usage, credits))
+            for h in ticket.holds
+        ]
         excess = max(
             (
                 charge - h.reserved
@@ -450,22 +539,29 @@ class Engine:
     async def sweep(self, now: datetime | None = None) -> list[UsageEvent]:
         """Settle every ticket whose lease ran out: charged at its reservation, or released
         (by configuration); either way a ledger row flagged `estimated` says so."""
-        at = now or datetime.now(UTC)
+        at = _moment(now)
         events = []
         for stored in await self.store.expired(at.timestamp()):
             ticket = _restore(stored)
-            if self.settings.on_expiry == "charge":
-                usage = Usage(ticket.prompt_tokens, ticket.max_tokens)
-                event = await self._commit(ticket, usage, at, status="expired", estimated=True)
-            else:
-                event = await self._commit(ticket, Usage(), at, status="released", estimated=True)
+            try:
+                if self.settings.on_expiry == "charge":
+                    usage = Usage(ticket.prompt_tokens, ticket.max_tokens)
+                    event = await self._commit(ticket, usage, at, status="expired", estimated=True)
+                else:
+                    event = await self._commit(
+                        ticket, Usage(), at, status="released", estimated=True
+                    )
+            except UnknownTicket:
+                continue  # cancelled since `expired` listed it (another task or process)
+            if event.status == "settled":
+                continue  # settled since `expired` listed it: not ours to report
             log.warning("ticket %s of %s expired: %s", ticket.id, ticket.user_id, event.status)
             events.append(event)
         return events
 
     async def status(self, user_id: str, *, now: datetime | None = None) -> list[LimitStatus]:
         """Every limit that binds the user: used, reserved, left and when it resets."""
-        at = now or datetime.now(UTC)
+        at = _moment(now)
         policy = self.policy()
         user = self.catalog.user(user_id) or User(user_id)
         specs = [
@@ -534,6 +630,84 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _moment(now: datetime | None) -> datetime:
+    """`now`, or the current time; a naive datetime is refused rather than guessed at."""
+    if now is None:
+        return datetime.now(UTC)
+    if not isinstance(now, datetime) or now.utcoffset() is None:
+        raise InvalidInput(f"now must be a timezone-aware datetime, got {now!r}")
+    return now
+
+
+def _check_messages(messages: Sequence[Any]) -> None:
+    """Chat messages as OpenAI defines them: objects with a role and text or parts."""
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidInput(f"message {index} must be an object with role and content")
+        if not isinstance(message.get("role"), str) or not message["role"]:
+            raise InvalidInput(f"message {index} has no role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidInput(f"message {index}: content must be text or a list of parts")
+        if isinstance(content, list) and not all(isinstance(p, str | Mapping) for p in content):
+            raise InvalidInput(f"message {index}: every content part must be text or an object")
+        if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
+            raise InvalidInput(f"message {index}: tool_calls must be a list")
+
+
+class _PriceRecords:
+    """Prices rebuilt from tickets' price records, remembered: every settle needs one,
+    rebuilding costs more than the rest of settle's arithmetic, and a process only ever
+    sees as many distinct records as there are prices in use."""
+
+    SIZE = 256
+
+    def __init__(self) -> None:
+        self._found: dict[bytes, Price] = {}
+
+    def get(self, record: dict[str, Any]) -> Price:
+        key = orjson.dumps(record)  # tells 1 from 1.0 from true, as price_from_record does
+        price = self._found.get(key)
+        if price is None:
+            if len(self._found) >= self.SIZE:
+                self._found.clear()
+            price = self._found[key] = price_from_record(record)
+        return price
+
+
+def _admitted(record: dict[str, Any], decision: Decision) -> Ticket:
+    """The Ticket of an admitted reservation: `record` (the ticket as stored) with the
+    store's decision filled in, exactly as :meth:`Ticket.filled` would, in one validation."""
+    holds = []
+    for index, (stored, amount) in enumerate(zip(record["holds"], decision.amounts)):
+        hold = {**stored, "reserved": amount}
+        if decision.available:
+            left = decision.available[index]
+            hold["remaining"] = None if left is None else max(0, left - amount)
+        holds.append(hold)
+    return Ticket.model_validate({**record, "max_tokens": decision.max_output, "holds": holds})
+
+
+def _late(event: UsageEvent, usage: Usage) -> UsageEvent:
+    """A settle that came after the lease ran out: the sweeper's row stands (exactly once);
+    say so, since the real usage differs from what was charged."""
+    if event.status != "settled" and (
+        (usage.prompt_tokens, usage.completion_tokens)
+        != (event.prompt_tokens, event.completion_tokens)
+    ):
+        log.warning(
+            "late settle of ticket %s ignored: its lease ran out and it was %s at %d+%d "
+            "tokens; the upstream reported %d+%d",
+            event.ticket_id,
+            event.status,
+            event.prompt_tokens,
+            event.completion_tokens,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+        )
+    return event
 
 
 def _restore(stored: StoredTicket) -> Ticket:

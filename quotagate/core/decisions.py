@@ -36,6 +36,9 @@ class Decision:
     refused: int | None = None  # index of the hold that refused
     used: int = 0
     reserved: int = 0
+    #: per hold, what its limit had left before this reservation (None: unlimited); lets a
+    #: front door tell the client what remains without reading the counters again
+    available: tuple[int | None, ...] = ()
 
 
 def decide(
@@ -54,10 +57,13 @@ def decide(
     every limit has at least one unit left and reserves the full request.
     """
     output = want_output
+    left: list[int | None] = []
     for index, (hold, (used, reserved)) in enumerate(zip(holds, states, strict=True)):
         if hold.limit is None:
+            left.append(None)
             continue
         available = hold.limit - used - reserved
+        left.append(available)
         if not strict:
             if available <= 0:
                 return Decision(False, 0, (), index, used, reserved)
@@ -69,4 +75,4 @@ def decide(
             if output < min(min_output, want_output):
                 return Decision(False, 0, (), index, used, reserved)
     amounts = tuple(hold.base + hold.per_output * output for hold in holds)
-    return Decision(True, output, amounts)
+    return Decision(True, output, amounts, available=tuple(left))

@@ -42,6 +42,11 @@ class Refusal:
     reserved: int
     requested: int
     resets_at: datetime | None
+    #: what the limit is attached to ("allowance", "wallet", or a Scope value such as
+    #: "channel") and its target: a gateway lets a channel-cap refusal fall through to the
+    #: next channel
+    scope: str | None = None
+    target: str | None = None
 
     @property
     def remaining(self) -> int:

@@ -64,6 +64,9 @@ class Policy:
         for price in sorted(self.prices, key=lambda p: p.effective_from or _BEGINNING):
             self._prices[price.model].append(price)
         self._pools = {pool.name: pool for pool in self.pools}
+        # A policy is a snapshot, so a user's allowances stay the same for its lifetime;
+        # admit asks for them on every request.
+        self._allowances: dict[User, list[Allowance]] = {}
 
     def scoped(self, scope: Scope, target: str) -> list[Limit]:
         return self._by_scope.get((scope, target), [])
@@ -71,6 +74,12 @@ class Policy:
     # -- allowances ------------------------------------------------------------------
     def allowances(self, user: User) -> list[Allowance]:
         """The user's own override if set, else role (or the base for everyone) plus groups."""
+        found = self._allowances.get(user)
+        if found is None:
+            found = self._allowances[user] = self._combine(user)
+        return list(found)
+
+    def _combine(self, user: User) -> list[Allowance]:
         parts: dict[tuple[Metric, str], dict[str, list[Limit]]] = defaultdict(
             lambda: defaultdict(list)
         )

@@ -46,8 +46,9 @@ class Price:
     def __post_init__(self) -> None:
         for field in ("input_credits", "output_credits", "cached_credits"):
             value = getattr(self, field)
-            if value is not None and (not Decimal(value).is_finite() or Decimal(value) < 0):
-                raise InvalidInput(f"{field} must be a non-negative number, got {value}")
+            optional = field == "cached_credits"
+            if not (value is None and optional) and not _non_negative(value):
+                raise InvalidInput(f"{field} must be a non-negative number, got {value!r}")
         for field in ("per_input_tokens", "per_output_tokens", "per_cached_tokens"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -104,15 +105,15 @@ def price_from_record(record: Any, effective_from: datetime | None = None) -> Pr
             provider=str(record.get("provider", "")),
             name=str(record.get("name", record["id"])),
             input_credits=_decimal(record["input_cost_credits"]),
-            per_input_tokens=int(record.get("per_input_tokens", 1_000_000)),
+            per_input_tokens=_per(record, "per_input_tokens"),
             output_credits=_decimal(record["output_cost_credits"]),
-            per_output_tokens=int(record.get("per_output_tokens", 1_000_000)),
+            per_output_tokens=_per(record, "per_output_tokens"),
             cached_credits=(
                 _decimal(record["cached_cost_credits"])
                 if record.get("cached_cost_credits") is not None
                 else None
             ),
-            per_cached_tokens=int(record.get("per_cached_tokens", 1_000_000)),
+            per_cached_tokens=_per(record, "per_cached_tokens"),
             effective_from=effective_from,
         )
     except (TypeError, ValueError, ArithmeticError) as exc:
@@ -121,20 +122,43 @@ def price_from_record(record: Any, effective_from: datetime | None = None) -> Pr
         raise InvalidInput(f"price entry {record.get('id')!r}: {exc}") from exc
 
 
-def price_to_record(price: Price) -> dict[str, Any]:
+def price_to_record(price: Price, *, exact: bool = False) -> dict[str, Any]:
+    """The price as an openwebui-token-tracking entry; `exact` keeps amounts as decimal
+    strings (for tickets, which must settle at exactly the price they were admitted at)."""
+    number = str if exact else _number
     record: dict[str, Any] = {
         "provider": price.provider,
         "id": price.model,
         "name": price.name or price.model,
-        "input_cost_credits": _number(price.input_credits),
+        "input_cost_credits": number(price.input_credits),
         "per_input_tokens": price.per_input_tokens,
-        "output_cost_credits": _number(price.output_credits),
+        "output_cost_credits": number(price.output_credits),
         "per_output_tokens": price.per_output_tokens,
     }
     if price.cached_credits is not None:
-        record["cached_cost_credits"] = _number(price.cached_credits)
+        record["cached_cost_credits"] = number(price.cached_credits)
         record["per_cached_tokens"] = price.per_cached_tokens
     return record
+
+
+def _per(record: dict[str, Any], field: str) -> int:
+    """A "per N tokens" field: a positive whole number (1e6 and "1000000" are fine, 1.5 is
+    a typo that `int()` would silently turn into 1)."""
+    value = record.get(field, 1_000_000)
+    number = _decimal(value)
+    if number != number.to_integral_value() or number <= 0:
+        raise InvalidInput(f"{field} must be a positive whole number, got {value!r}")
+    return int(number)
+
+
+def _non_negative(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        return False
+    try:
+        number = Decimal(value)
+    except ArithmeticError:
+        return False
+    return number.is_finite() and number >= 0
 
 
 def _decimal(value: Any) -> Decimal:

@@ -89,6 +89,16 @@ class Window:
         oldest = (int(at.timestamp()) - self.seconds) // size * size
         return list(range(oldest, newest + 1, size))
 
+    def slots(self, at: datetime) -> tuple[int, tuple[int, ...], int | None]:
+        """(bucket a charge made at `at` goes to, the buckets that count at `at`, when that
+        bucket expires): what a reservation needs, in one call that admit can afford."""
+        if self.kind in CALENDAR_KINDS:
+            cached = _current_periods.slots(self, at)
+            if cached is not None:
+                return cached
+        bucket = self.bucket(at)[0]
+        return bucket, tuple(self.counted_buckets(at)), self.expires_at(bucket)
+
     def expires_at(self, bucket_start: int) -> int | None:
         """Epoch second after which a bucket can no longer count against anything."""
         if self.kind == "lifetime":
@@ -118,6 +128,16 @@ class Window:
         Boundaries are wall-clock times in the window's timezone, so a day is 23 or 25
         hours long across a daylight-saving change, as a person there would expect.
         """
+        # Every admit asks for the current period of each limit: remember the last one
+        # per window instead of redoing the timezone arithmetic (see _CurrentPeriods).
+        cached = _current_periods.get(self, at)
+        if cached is not None:
+            return cached
+        found = self._period(at)
+        _current_periods.put(self, found)
+        return found
+
+    def _period(self, at: datetime) -> tuple[datetime, datetime]:
         tz = zone(self.tz)
         local = at.astimezone(tz)
         if self.kind in ("minute", "hour"):
@@ -143,6 +163,56 @@ class Window:
     def _wall_to_utc(self, day: date) -> datetime:
         wall = datetime.combine(day, time(self.reset_hour), tzinfo=zone(self.tz))
         return wall.astimezone(UTC)
+
+
+class _CurrentPeriods:
+    """The last calendar period computed for each window, reused while the clock is in it.
+
+    A period is only kept when the timezone's UTC offset is the same at its start and
+    its end, so no daylight-saving change falls inside it: then every instant of the
+    period maps to that same period and the cached answer is exactly what
+    :meth:`Window._period` would compute. Periods that do contain a change are simply
+    recomputed each time.
+    """
+
+    def __init__(self) -> None:
+        self._by_window: dict[Window, _Period] = {}
+
+    def get(self, window: Window, at: datetime) -> tuple[datetime, datetime] | None:
+        entry = self._by_window.get(window)
+        if entry is not None and entry.start <= at.timestamp() < entry.end:
+            return entry.period
+        return None
+
+    def slots(self, window: Window, at: datetime) -> tuple[int, tuple[int, ...], int] | None:
+        """:meth:`Window.slots` of a calendar window: its one bucket is the period."""
+        entry = self._by_window.get(window)
+        if entry is not None and entry.start <= at.timestamp() < entry.end:
+            return entry.slots
+        return None
+
+    def put(self, window: Window, period: tuple[datetime, datetime]) -> None:
+        start, end = period
+        tz = zone(window.tz)
+        if (
+            start.astimezone(tz).utcoffset()
+            == (end - timedelta(seconds=1)).astimezone(tz).utcoffset()
+        ):
+            first, last = int(start.timestamp()), int(end.timestamp())
+            self._by_window[window] = _Period(
+                start.timestamp(), end.timestamp(), period, (first, (first,), last)
+            )
+
+
+@dataclass(frozen=True)
+class _Period:
+    start: float
+    end: float
+    period: tuple[datetime, datetime]
+    slots: tuple[int, tuple[int, ...], int]
+
+
+_current_periods = _CurrentPeriods()
 
 
 def _format_seconds(seconds: int) -> str:

@@ -28,6 +28,8 @@ from quotagate.core.windows import parse_window
 from quotagate.store import schema as t
 
 KEY_PREFIX = "qg-"
+#: how often to try creating a user that other processes may be creating at the same time
+_CREATE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -112,30 +114,50 @@ class Catalog:
     ) -> User:
         """Create the user if unknown; update the fields given. Returns the stored user."""
         _check_name(user_id, "user id")
-        with self.db.begin() as conn:
-            row = conn.execute(sa.select(t.users).where(t.users.c.id == user_id)).first()
-            changes = {
-                k: v for k, v in (("role", role), ("email", email), ("name", name)) if v is not None
-            }
-            if row is None:
-                conn.execute(
-                    sa.insert(t.users).values(
-                        id=user_id,
-                        role=role or "user",
-                        email=email,
-                        name=name,
-                        created_at=time.time(),
-                    )
-                )
-                self._bump(conn)
-            elif any(getattr(row, k) != v for k, v in changes.items()):
-                conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**changes))
-                self._bump(conn)
-            if groups is not None:
-                self._set_groups(conn, user_id, groups)
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                with self.db.begin() as conn:
+                    self._ensure_user(conn, user_id, role, email, name, groups)
+                break
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                # Another process created the same user, group or membership at this very
+                # moment (several gateway workers seeing a new user at once): look again.
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
         user = self.user(user_id)
         assert user is not None
         return user
+
+    def _ensure_user(
+        self,
+        conn: sa.Connection,
+        user_id: str,
+        role: str | None,
+        email: str | None,
+        name: str | None,
+        groups: Sequence[str] | None,
+    ) -> None:
+        row = conn.execute(sa.select(t.users).where(t.users.c.id == user_id)).first()
+        changes = {
+            k: v for k, v in (("role", role), ("email", email), ("name", name)) if v is not None
+        }
+        if row is None:
+            conn.execute(
+                sa.insert(t.users).values(
+                    id=user_id,
+                    role=role or "user",
+                    email=email,
+                    name=name,
+                    created_at=time.time(),
+                )
+            )
+            self._bump(conn)
+        elif any(getattr(row, k) != v for k, v in changes.items()):
+            conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**changes))
+            self._bump(conn)
+        if groups is not None:
+            self._set_groups(conn, user_id, groups)
 
     def _set_groups(self, conn: sa.Connection, user_id: str, groups: Sequence[str]) -> None:
         current = set(

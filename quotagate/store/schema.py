@@ -105,6 +105,21 @@ api_keys = Table(
     Column("revoked_at", Float),
 )
 
+channels = Table(
+    "channels",
+    metadata,
+    # Upstreams added with `quotagate channels add` (those in quotagate.toml are not stored).
+    # Only where the upstream key lives is kept, never the key; caps are channel limits.
+    Column("name", String(255), primary_key=True),
+    Column("base_url", Text, nullable=False),
+    Column("api_key_env", String(255)),
+    Column("api_key_file", Text),
+    Column("models", Text, nullable=False),  # JSON list, or object public name -> upstream name
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("weight", Integer, nullable=False, server_default="1"),
+    Column("created_at", Float, nullable=False),
+)
+
 pools = Table(
     "pools",
     metadata,

@@ -8,11 +8,12 @@ number of counters a request touches, never on the size of the ledger.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
+import orjson
 
 from quotagate.core.decisions import Decision, Hold, decide
 from quotagate.core.errors import StoreUnavailable
@@ -65,10 +66,15 @@ class SQLiteStore:
                 raise StoreUnavailable(f"SQLite store {self.path} is not writable: {exc}") from exc
             try:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                # Also when COMMIT itself fails (disk full, I/O error): never leave the
+                # connection inside a transaction that every later write would join.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StoreUnavailable(f"SQLite store {self.path} failed: {exc}") from exc
                 raise
-            conn.execute("COMMIT")
 
     def _states(self, conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
         found: dict[str, tuple[int, int]] = {}
@@ -95,13 +101,7 @@ class SQLiteStore:
     ) -> Decision:
         with self._write() as conn:
             found = self._states(conn, [k for hold in holds for k in hold.read_keys])
-            states = [
-                (
-                    sum(found.get(k, (0, 0))[0] for k in hold.read_keys),
-                    sum(found.get(k, (0, 0))[1] for k in hold.read_keys),
-                )
-                for hold in holds
-            ]
+            states = [_sum(found, hold.read_keys) for hold in holds]
             decision = decide(holds, states, want_output, strict=strict, min_output=min_output)
             if decision.admitted:
                 conn.executemany(
@@ -112,7 +112,7 @@ class SQLiteStore:
                 conn.execute(
                     "INSERT INTO tickets (id, expires_at, held, max_output, payload) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (ticket_id, expires_at, json.dumps(held), decision.max_output, payload),
+                    (ticket_id, expires_at, _dumps(held), decision.max_output, payload),
                 )
         return decision
 
@@ -122,7 +122,7 @@ class SQLiteStore:
             if row is None:
                 return self._event(conn, ticket_id)
             deltas: dict[str, list[int]] = {}
-            for key, amount in json.loads(row[0]):
+            for key, amount in orjson.loads(row[0]):
                 deltas.setdefault(key, [0, 0])[1] -= amount
             for key, amount in event.charges:
                 deltas.setdefault(key, [0, 0])[0] += amount
@@ -147,7 +147,7 @@ class SQLiteStore:
                     event.cached_tokens,
                     event.credits,
                     event.excess,
-                    json.dumps(event.charges),
+                    _dumps(event.charges),
                 ),
             )
             conn.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
@@ -159,31 +159,41 @@ class SQLiteStore:
             row = conn.execute("SELECT held FROM tickets WHERE id = ?", (ticket_id,)).fetchone()
             if row is None:
                 return False
-            held = json.loads(row[0])
+            held = orjson.loads(row[0])
             conn.executemany(_UPSERT, [(key, 0, -amount, None) for key, amount in held])
             conn.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
         return True
 
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """The connection, for reads: shared with writes, so taken under the same lock."""
+        with self._lock:
+            yield self._conn
+
     async def ticket(self, ticket_id: str) -> StoredTicket | None:
-        row = self._conn.execute(
-            "SELECT id, expires_at, held, max_output, payload FROM tickets WHERE id = ?",
-            (ticket_id,),
-        ).fetchone()
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT id, expires_at, held, max_output, payload FROM tickets WHERE id = ?",
+                (ticket_id,),
+            ).fetchone()
         return _ticket(row) if row else None
 
     async def expired(self, now: float, limit: int = 500) -> list[StoredTicket]:
-        rows = self._conn.execute(
-            "SELECT id, expires_at, held, max_output, payload FROM tickets "
-            "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
-            (now, limit),
-        ).fetchall()
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, expires_at, held, max_output, payload FROM tickets "
+                "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
         return [_ticket(row) for row in rows]
 
     async def counters(self, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
-        return self._states(self._conn, keys)
+        with self._read() as conn:
+            return self._states(conn, keys)
 
     async def event(self, ticket_id: str) -> UsageEvent | None:
-        return self._event(self._conn, ticket_id)
+        with self._read() as conn:
+            return self._event(conn, ticket_id)
 
     def _event(self, conn: sqlite3.Connection, ticket_id: str) -> UsageEvent | None:
         row = conn.execute(
@@ -196,7 +206,9 @@ class SQLiteStore:
         sql = f"SELECT {_EVENT_COLUMNS} FROM usage_events{clauses} ORDER BY id"
         if query.limit:
             sql += f" LIMIT {int(query.limit)}"
-        return [_usage_event(row) for row in self._conn.execute(sql, params)]
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [_usage_event(row) for row in rows]
 
     async def reconcile(self, repair: bool) -> list[CounterDiff]:
         with self._write() as conn:
@@ -231,6 +243,22 @@ class SQLiteStore:
             self._conn.close()
 
 
+def _dumps(value: object) -> str:
+    """JSON text of the [[key, amount], ...] lists kept in the ledger and tickets."""
+    return orjson.dumps(value).decode()
+
+
+def _sum(found: dict[str, tuple[int, int]], keys: Sequence[str]) -> tuple[int, int]:
+    """(used, reserved) summed over `keys`; keys never written count as zero."""
+    used = reserved = 0
+    for key in keys:
+        state = found.get(key)
+        if state is not None:
+            used += state[0]
+            reserved += state[1]
+    return used, reserved
+
+
 def _where(query: EventQuery) -> tuple[str, list[object]]:
     clauses: list[str] = []
     params: list[object] = []
@@ -247,7 +275,7 @@ def _where(query: EventQuery) -> tuple[str, list[object]]:
 
 
 def _ticket(row: tuple) -> StoredTicket:
-    held = tuple((key, amount) for key, amount in json.loads(row[2]))
+    held = tuple((key, amount) for key, amount in orjson.loads(row[2]))
     return StoredTicket(row[0], row[1], held, row[3], row[4])
 
 
@@ -270,5 +298,5 @@ def _usage_event(row: tuple) -> UsageEvent:
         cached_tokens=row[14],
         credits=row[15],
         excess=row[16],
-        charges=[(key, amount) for key, amount in json.loads(row[17])],
+        charges=[(key, amount) for key, amount in orjson.loads(row[17])],
     )

@@ -1,0 +1,391 @@
+"""Engine throughput: admit+settle pairs per second, and whether it stays flat as the
+ledger grows.
+
+    .venv/bin/python bench/engine.py                       # memory + SQLite, 1k/100k/1M rows
+    .venv/bin/python bench/engine.py --stores sqlite --rows 1000,100000 --pairs 2000
+
+Each store gets a realistic policy, so one admit touches four counters: a base daily
+token allowance plus a group grant (one combined counter), a role hourly token allowance,
+a role monthly credit allowance (priced model) and a per-user daily token limit on the
+model. Some users also have a funded wallet. The ledger is then pre-filled with past
+usage (rows written straight into ``usage_events``, with the matching counters, so a
+reconcile would find nothing to repair) and grown step by step; at each size the
+benchmark runs admit+settle pairs for many users round-robin through the public
+engine calls a gateway makes, in one process on one event loop.
+
+The figure per cell is the best of ``--repeat`` rounds: the machine is shared, and the
+best round is the one least disturbed by others. Per-call times are means of that round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from quotagate.core.policy import User
+from quotagate.core.pricing import Price, Usage
+from quotagate.engine import AdmitContext, Engine
+from quotagate.store.base import UsageEvent
+from quotagate.store.factory import open_engine
+from quotagate.store.memory import MemoryStore
+from quotagate.store.sqlite import SQLiteStore
+
+MODEL = "gpt-4o"
+GROUP = "research"
+TARGET_PAIRS_PER_SECOND = 5_000  # issue 2: SQLite, one core
+HISTORY_DAYS = 30
+
+
+@dataclass
+class Result:
+    store: str
+    rows: int
+    pairs_per_second: float
+    admit_us: float
+    settle_us: float
+    cpu_us: float  # CPU time of this process per pair: what one core could do alone
+
+
+# -- setup ---------------------------------------------------------------------------------
+def configure(engine: Engine, users: list[str]) -> None:
+    """The policy of a typical deployment, generous enough that nothing is refused."""
+    catalog = engine.catalog
+    catalog.set_limit("everyone", "*", "tokens", "day", 50_000_000)  # base allowance
+    catalog.set_limit("group", GROUP, "tokens", "day", 20_000_000)  # grant on top of base
+    catalog.set_limit("role", "user", "tokens", "hour", 10_000_000)  # role hourly allowance
+    catalog.set_limit("role", "user", "credits", "month", 10**13)  # micro-credits
+    catalog.set_limit("model", MODEL, "tokens", "day", 30_000_000, per_user=True)
+    catalog.add_price(
+        Price(
+            model=MODEL,
+            provider="openai",
+            input_credits=Decimal(2500),  # $2.50 per 1M input at 1,000 credits per USD
+            per_input_tokens=1_000_000,
+            output_credits=Decimal(10000),
+            per_output_tokens=1_000_000,
+            effective_from=datetime.now(UTC) - timedelta(days=HISTORY_DAYS + 1),
+        )
+    )
+    for index, user in enumerate(users):
+        catalog.ensure_user(user, "user", groups=[GROUP] if index % 2 else [])
+        if index % 10 == 0:
+            catalog.top_up(user, 5_000_000_000, note="bench")
+    engine.refresh()
+
+
+def counter_keys(engine: Engine, user: str) -> list[tuple[str, object]]:
+    """(key prefix, window) of every counter an admit of `user` on MODEL touches, taken
+    from the engine's own resolution so the pre-filled counters are the ones it reads."""
+    policy = engine.policy()
+    person = User(user, "user", (GROUP,) if int(user[1:]) % 2 else ())
+    ctx = AdmitContext(user=user, model=MODEL)
+    specs = (
+        engine._common_specs(policy, person, ctx)
+        + engine._funding_options(policy, person, ctx)[0].specs
+    )
+    return [(f"{s.prefix}|{s.window.key}", s.window) for s in specs]
+
+
+class History:
+    """Past usage: ledger rows and the counters they add up to."""
+
+    def __init__(self, engine: Engine, users: list[str], seed: int = 7) -> None:
+        self.engine = engine
+        self.users = users
+        self.random = random.Random(seed)
+        self.written = 0
+        self.now = time.time()
+        self._keys: dict[str, list[tuple[str, object]]] = {}
+        self._buckets: dict[tuple[str, int], int] = {}
+
+    def _bucket(self, window: object, hour: int) -> int:
+        found = self._buckets.get((window.key, hour))  # type: ignore[attr-defined]
+        if found is None:
+            at = datetime.fromtimestamp(hour * 3600 + 1800, UTC)
+            found = window.bucket(at)[0]  # type: ignore[attr-defined]
+            self._buckets[(window.key, hour)] = found  # type: ignore[attr-defined]
+        return found
+
+    def rows(self, count: int) -> tuple[list[UsageEvent], dict[str, int]]:
+        """`count` more ledger rows over the last HISTORY_DAYS and their counter charges."""
+        price = self.engine.policy().price(MODEL, datetime.now(UTC))
+        assert price is not None
+        events, counters = [], defaultdict(int)
+        rnd = self.random
+        for n in range(self.written, self.written + count):
+            user = self.users[rnd.randrange(len(self.users))]
+            keys = self._keys.get(user)
+            if keys is None:
+                keys = self._keys[user] = counter_keys(self.engine, user)
+            started = self.now - rnd.random() * HISTORY_DAYS * 86400 - 60
+            hour = int(started) // 3600
+            prompt, completion = rnd.randint(20, 2000), rnd.randint(1, 800)
+            credits = price.cost(Usage(prompt, completion))
+            charges = []
+            for prefix, window in keys:
+                amount = credits if prefix.startswith("a|credits") else prompt + completion
+                key = f"{prefix}|{self._bucket(window, hour)}"
+                charges.append((key, amount))
+                counters[key] += amount
+            events.append(
+                UsageEvent(
+                    ticket_id=f"history-{n}",
+                    user_id=user,
+                    model=MODEL,
+                    started_at=started,
+                    settled_at=started + 5,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    credits=credits,
+                    charges=charges,
+                )
+            )
+        self.written += count
+        return events, counters
+
+
+def fill_sqlite(store: SQLiteStore, events: list[UsageEvent], counters: dict[str, int]) -> None:
+    """Write rows straight into the ledger and counters, in one transaction."""
+    conn = sqlite3.connect(store.path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(
+        "INSERT INTO usage_events (ticket_id, user_id, key_id, model, channel, pool, source, "
+        "status, estimated, started_at, settled_at, prompt_tokens, completion_tokens, "
+        "cached_tokens, credits, excess, charges) "
+        "VALUES (?, ?, NULL, ?, NULL, NULL, 'allowance', 'settled', 0, ?, ?, ?, ?, 0, ?, 0, ?)",
+        (
+            (
+                e.ticket_id,
+                e.user_id,
+                e.model,
+                e.started_at,
+                e.settled_at,
+                e.prompt_tokens,
+                e.completion_tokens,
+                e.credits,
+                json.dumps(e.charges),
+            )
+            for e in events
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO counters (key, used, reserved) VALUES (?, ?, 0) "
+        "ON CONFLICT(key) DO UPDATE SET used = used + excluded.used",
+        counters.items(),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def fill_memory(store: MemoryStore, events: list[UsageEvent], counters: dict[str, int]) -> None:
+    """Put rows straight into the memory store's ledger and counters."""
+    start = len(store._events)
+    for offset, event in enumerate(events, start + 1):
+        event.id = offset
+        store._events[event.ticket_id] = event
+    for key, amount in counters.items():
+        store._counters.setdefault(key, [0, 0])[0] += amount
+
+
+def ledger_rows(engine: Engine) -> int:
+    store = engine.store
+    if isinstance(store, SQLiteStore):
+        return store._conn.execute("SELECT count(*) FROM usage_events").fetchone()[0]
+    assert isinstance(store, MemoryStore)
+    return len(store._events)
+
+
+# -- measurement ---------------------------------------------------------------------------
+async def pairs(
+    engine: Engine, users: list[str], count: int, seed: int
+) -> tuple[float, float, float, float]:
+    """(seconds in all, seconds in admit, seconds in settle, CPU seconds) for `count` pairs."""
+    rnd = random.Random(seed)
+    admit = settle = 0.0
+    clock = time.perf_counter
+    cpu = time.process_time()
+    begin = clock()
+    for i in range(count):
+        ctx = AdmitContext(
+            user=users[i % len(users)],
+            model=MODEL,
+            prompt_tokens=rnd.randint(20, 2000),
+            max_tokens=rnd.choice((256, 512, 1024)),
+        )
+        t0 = clock()
+        ticket = await engine.admit(ctx)
+        t1 = clock()
+        usage = {
+            "prompt_tokens": ticket.prompt_tokens,
+            "completion_tokens": rnd.randint(1, ticket.max_tokens),
+        }
+        t2 = clock()
+        await engine.settle(ticket, usage)
+        t3 = clock()
+        admit += t1 - t0
+        settle += t3 - t2
+    return clock() - begin, admit, settle, time.process_time() - cpu
+
+
+async def measure(engine: Engine, store: str, users: list[str], args: argparse.Namespace) -> Result:
+    rows = ledger_rows(engine)
+    await pairs(engine, users, min(len(users), args.pairs), seed=rows)  # warm caches
+    best: tuple[float, float, float, float] | None = None
+    for round_ in range(args.repeat):
+        took = await pairs(engine, users, args.pairs, seed=rows + round_ + 1)
+        if best is None or took[0] < best[0]:
+            best = took
+    assert best is not None
+    total, admit, settle, cpu = best
+    per_pair = 1e6 / args.pairs
+    return Result(
+        store, rows, args.pairs / total, admit * per_pair, settle * per_pair, cpu * per_pair
+    )
+
+
+async def bench_store(store: str, args: argparse.Namespace, workdir: Path) -> list[Result]:
+    url = "memory://" if store == "memory" else f"sqlite:///{workdir / 'bench.db'}"
+    engine = open_engine(url, create=True)
+    users = [f"u{i:05d}" for i in range(args.users)]
+    ledger_users = [f"u{i:05d}" for i in range(max(args.users, args.ledger_users))]
+    results = []
+    try:
+        configure(engine, users)
+        history = History(engine, ledger_users)
+        for target in args.rows:
+            need = target - ledger_rows(engine)
+            started = time.perf_counter()
+            while need > 0:
+                events, counters = history.rows(min(need, 200_000))
+                if isinstance(engine.store, SQLiteStore):
+                    fill_sqlite(engine.store, events, counters)
+                else:
+                    assert isinstance(engine.store, MemoryStore)
+                    fill_memory(engine.store, events, counters)
+                need -= len(events)
+            filled = time.perf_counter() - started
+            result = await measure(engine, store, users, args)
+            results.append(result)
+            print(
+                f"  {store:6} {result.rows:>9,} rows (filled in {filled:5.1f} s): "
+                f"{result.pairs_per_second:7,.0f} pairs/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        await engine.close()
+    return results
+
+
+# -- report --------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.release()}; "
+        f"sum(range(10**7)) takes {calibration():.2f} s of CPU here"
+    )
+
+
+def calibration() -> float:
+    """CPU seconds of a fixed pure-Python loop: lets readers compare this machine with
+    theirs (and a shared machine now with itself later)."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        sum(range(10**7))
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| store | ledger rows | pairs/s | µs per admit | µs per settle | CPU µs per pair "
+        "| vs first size |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    base: dict[str, float] = {}
+    for r in results:
+        base.setdefault(r.store, r.pairs_per_second)
+        lines.append(
+            f"| {r.store} | {r.rows:,} | {r.pairs_per_second:,.0f} | {r.admit_us:,.0f} "
+            f"| {r.settle_us:,.0f} | {r.cpu_us:,.0f} | {r.pairs_per_second / base[r.store]:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def verdict(results: list[Result]) -> str:
+    sqlite = [r for r in results if r.store == "sqlite"]
+    if not sqlite:
+        return "SQLite not measured."
+    worst = min(sqlite, key=lambda r: r.pairs_per_second)
+    ok = worst.pairs_per_second >= TARGET_PAIRS_PER_SECOND
+    return (
+        f"SQLite target ≥ {TARGET_PAIRS_PER_SECOND:,} pairs/s on one core: "
+        f"{'MET' if ok else 'NOT MET'} (slowest: {worst.pairs_per_second:,.0f} pairs/s "
+        f"at {worst.rows:,} rows)"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=3000, help="admit+settle pairs per round")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per cell; best is kept")
+    parser.add_argument(
+        "--rows",
+        type=lambda s: sorted(int(x.replace("_", "")) for x in s.split(",")),
+        default=[1_000, 100_000, 1_000_000],
+        help="ledger sizes, comma separated (grown in this order)",
+    )
+    parser.add_argument("--stores", type=lambda s: s.split(","), default=["memory", "sqlite"])
+    parser.add_argument("--users", type=int, default=1000, help="distinct users admitted")
+    parser.add_argument(
+        "--ledger-users", type=int, default=10_000, help="distinct users in the ledger"
+    )
+    parser.add_argument("--dir", type=Path, default=None, help="where the SQLite file goes")
+    args = parser.parse_args(argv)
+    for store in args.stores:
+        if store not in ("memory", "sqlite"):
+            parser.error(f"unknown store {store!r}: use memory and/or sqlite")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = " ".join(["bench/engine.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"{datetime.now(UTC):%Y-%m-%d} · {command}\n{machine()}", file=sys.stderr)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="qg-bench-", dir=args.dir) as tmp:
+        for store in args.stores:
+            results += asyncio.run(bench_store(store, args, Path(tmp)))
+    print(
+        f"\nadmit+settle pairs per second, single process, {args.users:,} users round-robin, "
+        f"best of {args.repeat} × {args.pairs:,} pairs\n"
+    )
+    print(table(results))
+    print(f"\n{verdict(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Who is calling: the API key of ``Authorization: Bearer <key>``, and the user it charges.
+
+A key lookup is a SQL query and a hash comparison; the gateway keeps a positive answer
+for a few seconds, indexed by the SHA-256 of the secret (the secret itself is never kept
+nor logged). The cache is emptied whenever the catalog changes, so a revoked key stops
+working within the catalog refresh interval.
+
+A key created with ``--trusted-openwebui`` may name the user to charge in Open WebUI's
+forwarded headers (``ENABLE_FORWARD_USER_INFO_HEADERS``): one key for the whole Open WebUI
+instance, quotas per person.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+from quotagate.gateway.errors import ApiError, unauthorized
+from quotagate.store.catalog import ApiKey, Catalog
+
+MAX_CACHED = 10_000
+OPENWEBUI_USER = b"x-openwebui-user-id"
+OPENWEBUI_ROLE = b"x-openwebui-user-role"
+
+
+class Authenticator:
+    def __init__(
+        self,
+        catalog: Catalog,
+        ttl: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.catalog = catalog
+        self.ttl = ttl
+        self.monotonic = monotonic
+        self._cache: dict[bytes, tuple[ApiKey, float]] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def key(self, headers: dict[bytes, bytes]) -> ApiKey:
+        """The live key of the request, or a 401."""
+        header = headers.get(b"authorization")
+        if not header:
+            raise unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+            )
+        scheme, _, secret = header.partition(b" ")
+        secret = secret.strip()
+        if scheme.lower() != b"bearer" or not secret:
+            raise unauthorized("The Authorization header must be 'Bearer <key>'.")
+        digest = hashlib.sha256(secret).digest()
+        now = self.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            text = secret.decode("ascii")
+        except UnicodeDecodeError:
+            text = ""
+        key = self.catalog.authenticate(text) if text else None
+        if key is None:
+            self._cache.pop(digest, None)
+            raise unauthorized("Incorrect API key provided.")
+        if self.ttl > 0:
+            if len(self._cache) >= MAX_CACHED:
+                self._cache.clear()
+            self._cache[digest] = (key, now + self.ttl)
+        return key
+
+
+def charged_user(key: ApiKey, headers: dict[bytes, bytes]) -> tuple[str, str | None]:
+    """(user id, role for a first-seen user) the request is charged to."""
+    if key.trusted_openwebui:
+        forwarded = headers.get(OPENWEBUI_USER)
+        if forwarded:
+            user = forwarded.decode("utf-8", "replace").strip()
+            if not user or len(user) > 255 or "|" in user:
+                raise ApiError(
+                    400,
+                    "The X-OpenWebUI-User-Id header is not a valid user id.",
+                    "invalid_request_error",
+                    "invalid_user",
+                )
+            role = headers.get(OPENWEBUI_ROLE)
+            return user, role.decode("utf-8", "replace").strip() or None if role else None
+    return key.user_id, None

@@ -1,0 +1,91 @@
+"""Errors in OpenAI's convention: ``{"error": {"message", "type", "code", "param"}}``.
+
+Clients such as the openai SDK read `type` and `code` to decide what to do (retry on a
+rate limit, stop on an invalid key), so every failure the gateway produces itself is one
+:class:`ApiError` rendered the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+
+@dataclass
+class ApiError(Exception):
+    """A response the gateway answers with instead of calling (or after failing to call) a model."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: label for metrics and access logs (e.g. the limit that refused)
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "code": code, "param": param}}
+    )
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(
+        401,
+        message,
+        "invalid_request_error",
+        "invalid_api_key",
+        headers=[(b"www-authenticate", b'Bearer realm="quotagate"')],
+    )
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"Request body is larger than the gateway accepts ({limit:,} bytes).",
+        "invalid_request_error",
+        "request_too_large",
+    )
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model `{model}` does not exist or no channel serves it.",
+        "invalid_request_error",
+        "model_not_found",
+        "model",
+    )
+
+
+def model_forbidden(model: str) -> ApiError:
+    return ApiError(
+        403,
+        f"This API key may not use the model `{model}`.",
+        "permission_error",
+        "model_not_allowed",
+        "model",
+    )
+
+
+def not_found(path: str) -> ApiError:
+    return ApiError(404, f"Unknown URL: {path}", "invalid_request_error", "unknown_url")
+
+
+def method_not_allowed(method: str, path: str) -> ApiError:
+    return ApiError(
+        405, f"Method {method} is not allowed on {path}.", "invalid_request_error", None
+    )

@@ -1,0 +1,340 @@
+"""One model call through the gateway: admit, route, call upstream, stream back, settle.
+
+The ticket of an attempt lives exactly as long as the attempt: a channel that fails
+before the client saw a byte gets its ticket cancelled (nothing charged) and the next
+channel is admitted afresh, since its own caps are part of the reservation. Once bytes
+have reached the client the attempt is the answer, whatever happens next, and it is
+settled on what the upstream reported, or else on what was delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from quotagate.core.errors import InvalidInput, QuotaExceeded, Refusal, UnknownTicket
+from quotagate.core.pricing import Usage
+from quotagate.engine import AdmitContext, Engine, Ticket
+from quotagate.gateway.asgi import Headers, Receive, Send, respond
+from quotagate.gateway.channels import Channel
+from quotagate.gateway.errors import ApiError
+from quotagate.gateway.observe import Metrics
+from quotagate.gateway.ratelimit import refusal_error, ticket_headers
+from quotagate.gateway.requests import UPSTREAM_PATHS, Call
+from quotagate.gateway.routing import Router
+from quotagate.gateway.sse import StreamTracker, choice_texts
+from quotagate.gateway.upstream import UpstreamClient, UpstreamFailure, UpstreamResponse
+
+log = logging.getLogger("quotagate.gateway")
+
+PIN_HEADER = b"x-quotagate-channel"
+_EVENT_STREAM = b"text/event-stream"
+_STREAM_HEADERS: Headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+@dataclass
+class Outcome:
+    """What the access log and metrics say about one call."""
+
+    channel: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: str = ""
+
+
+@dataclass
+class Flight:
+    """A stream in progress, so that a shutdown can settle it on what was delivered."""
+
+    ticket: Ticket
+    tracker: StreamTracker
+    model: str
+
+
+class Proxy:
+    def __init__(
+        self,
+        engine: Engine,
+        router: Router,
+        client: UpstreamClient,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.engine = engine
+        self.router = router
+        self.client = client
+        self.metrics = metrics
+        self.clock = clock
+        self.flights: dict[str, Flight] = {}
+
+    async def call(
+        self,
+        call: Call,
+        user: str,
+        role: str | None,
+        key_id: str,
+        pinned: str | None,
+        receive: Receive,
+        send: Send,
+        outcome: Outcome,
+    ) -> int:
+        """Answer `call`; returns the HTTP status sent. Raises ApiError before any byte."""
+        plan = self.router.plan(call.model, pinned, self.clock().timestamp())
+        channel_refusal: Refusal | None = None
+        failure: str | None = None
+        held_reply: tuple[UpstreamResponse, bytes] | None = None
+        for attempt, channel in enumerate(plan):
+            now = self.clock()
+            context = AdmitContext(
+                user=user,
+                model=call.model,
+                messages=call.messages,
+                prompt_tokens=call.prompt_tokens,
+                max_tokens=call.want_tokens,
+                key_id=key_id,
+                channel=channel.name,
+                produces_output=call.produces_output,
+                role=role,
+            )
+            try:
+                ticket = await self.engine.admit(context, now=now)
+            except QuotaExceeded as exc:
+                refusal = exc.refusal
+                if refusal.scope == "channel" and pinned is None:
+                    resets = refusal.resets_at.timestamp() if refusal.resets_at else None
+                    self.router.full(channel, now.timestamp(), resets)
+                    channel_refusal = channel_refusal or refusal
+                    continue
+                raise refusal_error(refusal, now) from None
+            outcome.channel = channel.name
+            max_tokens: int | None = None
+            if call.produces_output:
+                max_tokens = ticket.max_tokens // call.choices
+                if max_tokens < 1:
+                    await self.engine.cancel(ticket)
+                    raise ApiError(
+                        429,
+                        f"Not enough quota left for {call.choices} completions of at least "
+                        "one token each; ask for fewer (n) or wait for the quota to reset.",
+                        "insufficient_quota",
+                        "insufficient_quota",
+                        reason="choices",
+                    )
+            self.metrics.admitted(call.model, channel.name)
+            body = call.upstream_body(max_tokens, channel.upstream_model(call.model))
+            last = attempt == len(plan) - 1
+            try:
+                started = time.perf_counter()
+                response = await self.client.post(
+                    channel.url(UPSTREAM_PATHS[call.endpoint]), body, channel.api_key
+                )
+                self.metrics.upstream(channel.name, time.perf_counter() - started)
+                status = response.status
+                if status >= 500:
+                    await _drain(response)
+                    raise UpstreamFailure(f"answered HTTP {status}")
+                if status != 200:
+                    data = await response.read()
+                    await self.engine.cancel(ticket)
+                    if status == 429 and not last:
+                        # the provider's own rate limit: another channel may have room
+                        held_reply = (response, data)
+                        continue
+                    await respond(send, status, data, response.headers(), response.content_type)
+                    return status
+                if call.stream and response.content_type.startswith(_EVENT_STREAM):
+                    return await self._stream(
+                        call, ticket, channel, response, receive, send, outcome
+                    )
+                data = await response.read()
+            except UpstreamFailure as exc:
+                await self.engine.cancel(ticket)
+                self.metrics.upstream_error(channel.name)
+                resting = self.router.failed(channel)
+                failure = f"channel {channel.name} {exc}"
+                log.warning(
+                    "upstream %s failed: %s%s",
+                    channel.name,
+                    exc,
+                    " (resting)" if resting else "",
+                )
+                continue
+            self.router.succeeded(channel)
+            usage = self._reply_usage(call, ticket, data)
+            charges = await self._settle(ticket, usage, outcome)
+            headers = response.headers()
+            headers.extend(ticket_headers(ticket, self.clock().timestamp(), charges))
+            await respond(send, 200, data, headers, response.content_type)
+            return 200
+        if held_reply is not None:
+            response, data = held_reply
+            await respond(send, response.status, data, response.headers(), response.content_type)
+            return response.status
+        if failure is not None:
+            raise ApiError(
+                502,
+                f"The upstream failed: {failure}.",
+                "server_error",
+                "upstream_error",
+                reason="upstream",
+            )
+        assert channel_refusal is not None
+        raise refusal_error(channel_refusal, self.clock())
+
+    # -- streams --------------------------------------------------------------------------
+    async def _stream(
+        self,
+        call: Call,
+        ticket: Ticket,
+        channel: Channel,
+        response: UpstreamResponse,
+        receive: Receive,
+        send: Send,
+        outcome: Outcome,
+    ) -> int:
+        """Forward a stream. Raises UpstreamFailure only if nothing reached the client."""
+        tracker = StreamTracker(call.client_usage)
+        gone = asyncio.ensure_future(_disconnected(receive))
+        # a client that leaves stops the upstream at once, not at its next chunk
+        gone.add_done_callback(lambda _: response.close())
+        started = False
+        settle = True
+        state = "complete"
+        self.flights[ticket.id] = Flight(ticket, tracker, call.model)
+        self.metrics.streams.inc()
+        try:
+            try:
+                async for data in response.chunks():
+                    out = tracker.feed(data)
+                    if not out:
+                        continue
+                    if gone.done():
+                        state = "disconnected"
+                        break
+                    if not started:
+                        await self._start_stream(send, ticket, response)
+                        started = True
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                    tracker.confirm()
+                else:
+                    rest = tracker.finish()
+                    if rest and not tracker.done:
+                        tracker.tail = rest + tracker.tail
+            except UpstreamFailure:
+                if gone.done():
+                    state = "disconnected"
+                elif not started:
+                    settle = False
+                    raise
+                else:
+                    state = "upstream failed"
+                    self.metrics.upstream_error(channel.name)
+                    self.router.failed(channel)
+            if state != "upstream failed":
+                self.router.succeeded(channel)
+            if state == "complete" and tracker.usage is not None:
+                usage: Usage | dict[str, Any] = tracker.usage
+            else:
+                usage = self._delivered_usage(call, ticket, tracker)
+            settle = False
+            await self._settle(ticket, usage, outcome)
+            outcome.status = state
+            if state != "disconnected":
+                if not started:
+                    await self._start_stream(send, ticket, response)
+                await send({"type": "http.response.body", "body": tracker.tail, "more_body": False})
+            return 200
+        finally:
+            self.metrics.streams.dec()
+            self.flights.pop(ticket.id, None)
+            if not gone.done():
+                gone.cancel()
+            response.close()
+            if settle:
+                # cancelled (shutdown) or failed half way: charge what reached the client
+                await self._settle_quietly(ticket, self._delivered_usage(call, ticket, tracker))
+
+    async def _start_stream(self, send: Send, ticket: Ticket, response: UpstreamResponse) -> None:
+        headers: Headers = [(b"content-type", response.content_type), *_STREAM_HEADERS]
+        headers.extend(response.headers())
+        headers.extend(ticket_headers(ticket, self.clock().timestamp()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    # -- usage ----------------------------------------------------------------------------
+    def _delivered_usage(self, call: Call, ticket: Ticket, tracker: StreamTracker) -> Usage:
+        text = "".join(tracker.delivered)
+        return Usage(ticket.prompt_tokens, self.engine.counter.text(text, call.model))
+
+    def _reply_usage(self, call: Call, ticket: Ticket, data: bytes) -> Usage | dict[str, Any]:
+        """The usage a complete answer reports, else its text counted."""
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            usage = parsed.get("usage")
+            if isinstance(usage, dict) and usage:
+                return usage
+        if not call.produces_output:
+            return Usage(ticket.prompt_tokens, 0)
+        texts: list[str] = []
+        if isinstance(parsed, dict):
+            choice_texts(parsed.get("choices"), texts)
+        return Usage(ticket.prompt_tokens, self.engine.counter.text("".join(texts), call.model))
+
+    async def _settle(
+        self, ticket: Ticket, usage: Usage | dict[str, Any], outcome: Outcome
+    ) -> list[int] | None:
+        """Settle; returns the charge per hold (for exact rate-limit headers)."""
+        try:
+            event = await self.engine.settle(ticket, usage, now=self.clock())
+        except InvalidInput:
+            # an upstream reporting nonsense usage: fall back on the reservation's prompt
+            log.warning("upstream reported invalid usage %r; charging the estimate", usage)
+            event = await self.engine.settle(
+                ticket, Usage(ticket.prompt_tokens, ticket.max_tokens), now=self.clock()
+            )
+        outcome.prompt_tokens = event.prompt_tokens
+        outcome.completion_tokens = event.completion_tokens
+        self.metrics.tokens(
+            ticket.model, ticket.channel or "", event.prompt_tokens, event.completion_tokens
+        )
+        return [amount for _, amount in event.charges]
+
+    async def _settle_quietly(self, ticket: Ticket, usage: Usage) -> None:
+        try:
+            await self.engine.settle(ticket, usage, now=self.clock())
+        except UnknownTicket:
+            pass
+        except Exception:
+            log.exception("could not settle ticket %s", ticket.id)
+
+    async def settle_open(self) -> int:
+        """Settle every stream still open on what it delivered (at shutdown)."""
+        flights = list(self.flights.values())
+        for flight in flights:
+            text = "".join(flight.tracker.delivered)
+            usage = Usage(flight.ticket.prompt_tokens, self.engine.counter.text(text, flight.model))
+            await self._settle_quietly(flight.ticket, usage)
+        return len(flights)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (or the response is complete)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _drain(response: UpstreamResponse) -> None:
+    with contextlib.suppress(UpstreamFailure):
+        await response.read()

@@ -1,0 +1,1 @@
+"""End-to-end tests against a real Open WebUI (installed from PyPI into a cached venv)."""
