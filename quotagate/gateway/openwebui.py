@@ -127,12 +127,13 @@ class OpenWebUIUsers:
             return role
         catalog = self.engine.catalog
         known = catalog.user(person.id)
+        # only a known user's new role or groups change what the engine has cached (a new
+        # user is read from the catalog when first admitted; email and name bind nothing)
         changed = False
         if known is None:
             catalog.ensure_user(
                 person.id, role, email=person.email, name=person.name, groups=groups
             )
-            changed = True
         else:
             new_role = (
                 role
@@ -148,12 +149,11 @@ class OpenWebUIUsers:
                 catalog.ensure_user(
                     person.id, new_role, email=new_email, name=new_name, groups=new_groups
                 )
-                changed = True
+                changed = bool(new_role) or new_groups is not None
             if not self.settings.openwebui_sync_roles:
                 role = known.role
         if changed:
-            # the engine's snapshot must see the new user, role or groups at once
-            self.engine.refresh()
+            self.engine.refresh()  # the next admit must see the new role or groups
         if len(self._seen) >= MAX_REMEMBERED:
             self._seen.clear()
         self._seen[person.id] = (wanted, now + self.remember)

