@@ -28,11 +28,11 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -114,15 +114,17 @@ class History:
         self.written = 0
         self.now = time.time()
         self._specs: dict[str, list[tuple[str, Window, bool]]] = {}
-        self._buckets: dict[tuple[int, int], int] = {}  # (id of window, hour) → bucket
+        # (id of window, hour) → (bucket, when it expires); windows live as long as _specs
+        self._buckets: dict[tuple[int, int], tuple[int, int | None]] = {}
         self._credits: dict[tuple[int, int], int] = {}
 
-    def _bucket(self, window: Window, hour: int) -> int:
-        """The bucket of `window` that a charge in the given hour since 1970 went to."""
-        found = self._buckets.get((id(window), hour))  # windows live as long as self._specs
+    def _bucket(self, window: Window, hour: int) -> tuple[int, int | None]:
+        """The bucket of `window` a charge in the given hour since 1970 went to, and when
+        that bucket expires."""
+        found = self._buckets.get((id(window), hour))
         if found is None:
-            at = datetime.fromtimestamp(hour * 3600 + 1800, UTC)
-            found = self._buckets[(id(window), hour)] = window.bucket(at)[0]
+            bucket = window.bucket(datetime.fromtimestamp(hour * 3600 + 1800, UTC))[0]
+            found = self._buckets[(id(window), hour)] = (bucket, window.expires_at(bucket))
         return found
 
     def _cost(self, price: Price, prompt: int, completion: int) -> int:
@@ -131,12 +133,13 @@ class History:
             found = self._credits[(prompt, completion)] = price.cost(Usage(prompt, completion))
         return found
 
-    def rows(self, count: int) -> tuple[list[UsageEvent], dict[str, int]]:
-        """`count` more ledger rows over the last HISTORY_DAYS and their counter charges."""
+    def rows(self, count: int) -> tuple[list[UsageEvent], dict[str, list[Any]]]:
+        """`count` more ledger rows over the last HISTORY_DAYS, and the counters they add
+        to: key → [used, expires_at]."""
         price = self.engine.policy().price(MODEL, datetime.now(UTC))
         assert price is not None
         events: list[UsageEvent] = []
-        counters: dict[str, int] = defaultdict(int)
+        counters: dict[str, list[Any]] = {}
         draw = self.random.random
         for n in range(self.written, self.written + count):
             user = self.users[int(draw() * len(self.users))]
@@ -149,10 +152,11 @@ class History:
             credits = self._cost(price, prompt, completion)
             charges = []
             for stem, window, in_credits in specs:
-                key = f"{stem}{self._bucket(window, hour)}"
+                bucket, expires = self._bucket(window, hour)
+                key = f"{stem}{bucket}"
                 amount = credits if in_credits else prompt + completion
                 charges.append((key, amount))
-                counters[key] += amount
+                counters.setdefault(key, [0, expires])[0] += amount
             events.append(
                 UsageEvent(
                     ticket_id=f"history-{n}",
@@ -170,7 +174,9 @@ class History:
         return events, counters
 
 
-def fill_sqlite(store: SQLiteStore, events: list[UsageEvent], counters: dict[str, int]) -> None:
+def fill_sqlite(
+    store: SQLiteStore, events: list[UsageEvent], counters: dict[str, list[Any]]
+) -> None:
     """Write rows straight into the ledger and counters, in one transaction."""
     conn = sqlite3.connect(store.path, isolation_level=None)
     conn.execute("PRAGMA cache_size=-262144")  # 256 MB: the ledger's indexes take random inserts
@@ -197,22 +203,24 @@ def fill_sqlite(store: SQLiteStore, events: list[UsageEvent], counters: dict[str
         ),
     )
     conn.executemany(
-        "INSERT INTO counters (key, used, reserved) VALUES (?, ?, 0) "
+        "INSERT INTO counters (key, used, reserved, expires_at) VALUES (?, ?, 0, ?) "
         "ON CONFLICT(key) DO UPDATE SET used = used + excluded.used",
-        sorted(counters.items()),
+        sorted((key, used, expires) for key, (used, expires) in counters.items()),
     )
     conn.execute("COMMIT")
     conn.close()
 
 
-def fill_memory(store: MemoryStore, events: list[UsageEvent], counters: dict[str, int]) -> None:
+def fill_memory(
+    store: MemoryStore, events: list[UsageEvent], counters: dict[str, list[Any]]
+) -> None:
     """Put rows straight into the memory store's ledger and counters."""
     start = len(store._events)
     for offset, event in enumerate(events, start + 1):
         event.id = offset
         store._events[event.ticket_id] = event
-    for key, amount in counters.items():
-        store._counters.setdefault(key, [0, 0])[0] += amount
+    for key, (used, _) in counters.items():
+        store._counters.setdefault(key, [0, 0])[0] += used
 
 
 def ledger_rows(engine: Engine) -> int:
