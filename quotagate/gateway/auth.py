@@ -5,9 +5,8 @@ for a few seconds, indexed by the SHA-256 of the secret (the secret itself is ne
 nor logged). The cache is emptied whenever the catalog changes, so a revoked key stops
 working within the catalog refresh interval.
 
-A key created with ``--trusted-openwebui`` may name the user to charge in Open WebUI's
-forwarded headers (``ENABLE_FORWARD_USER_INFO_HEADERS``): one key for the whole Open WebUI
-instance, quotas per person.
+Whom a key's request is charged to (its own user, or for a ``--trusted-openwebui`` key
+the person Open WebUI names) is decided in :mod:`quotagate.gateway.openwebui`.
 """
 
 from __future__ import annotations
@@ -16,12 +15,10 @@ import hashlib
 import time
 from collections.abc import Callable
 
-from quotagate.gateway.errors import ApiError, unauthorized
+from quotagate.gateway.errors import unauthorized
 from quotagate.store.catalog import ApiKey, Catalog
 
 MAX_CACHED = 10_000
-OPENWEBUI_USER = b"x-openwebui-user-id"
-OPENWEBUI_ROLE = b"x-openwebui-user-role"
 
 
 class Authenticator:
@@ -68,21 +65,3 @@ class Authenticator:
                 self._cache.clear()
             self._cache[digest] = (key, now + self.ttl)
         return key
-
-
-def charged_user(key: ApiKey, headers: dict[bytes, bytes]) -> tuple[str, str | None]:
-    """(user id, role for a first-seen user) the request is charged to."""
-    if key.trusted_openwebui:
-        forwarded = headers.get(OPENWEBUI_USER)
-        if forwarded:
-            user = forwarded.decode("utf-8", "replace").strip()
-            if not user or len(user) > 255 or "|" in user:
-                raise ApiError(
-                    400,
-                    "The X-OpenWebUI-User-Id header is not a valid user id.",
-                    "invalid_request_error",
-                    "invalid_user",
-                )
-            role = headers.get(OPENWEBUI_ROLE)
-            return user, role.decode("utf-8", "replace").strip() or None if role else None
-    return key.user_id, None

@@ -225,9 +225,13 @@ class Proxy:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
                     tracker.confirm()
                 else:
-                    rest = tracker.finish()
-                    if rest and not tracker.done:
-                        tracker.tail = rest + tracker.tail
+                    rest = tracker.finish()  # an unterminated last event
+                    if rest and not gone.done():
+                        if not started:
+                            await self._start_stream(send, ticket, response)
+                            started = True
+                        await send({"type": "http.response.body", "body": rest, "more_body": True})
+                        tracker.confirm()
             except UpstreamFailure:
                 if gone.done():
                     state = "disconnected"
@@ -270,7 +274,7 @@ class Proxy:
 
     # -- usage ----------------------------------------------------------------------------
     def _delivered_usage(self, call: Call, ticket: Ticket, tracker: StreamTracker) -> Usage:
-        text = "".join(tracker.delivered)
+        text = tracker.delivered_text()
         return Usage(ticket.prompt_tokens, self.engine.counter.text(text, call.model))
 
     def _reply_usage(self, call: Call, ticket: Ticket, data: bytes) -> Usage | dict[str, Any]:
@@ -321,7 +325,7 @@ class Proxy:
         """Settle every stream still open on what it delivered (at shutdown)."""
         flights = list(self.flights.values())
         for flight in flights:
-            text = "".join(flight.tracker.delivered)
+            text = flight.tracker.delivered_text()
             usage = Usage(flight.ticket.prompt_tokens, self.engine.counter.text(text, flight.model))
             await self._settle_quietly(flight.ticket, usage)
         return len(flights)

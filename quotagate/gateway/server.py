@@ -35,6 +35,7 @@ def build_app() -> Gateway:
     from quotagate.store.factory import open_engine
 
     engine = open_engine()
+    configure_logging(engine.settings.access_log)  # worker processes start unconfigured
     return Gateway(engine, demo_url=os.environ.get(DEMO_URL_ENV), demo_models=DEFAULT_MODELS)
 
 
@@ -188,6 +189,7 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # the gateway never looks at the client's address
         log_level="warning",
         timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds),
         timeout_keep_alive=30,
