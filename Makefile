@@ -29,8 +29,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) for the shared-store tests:
-# started if they are installed but down, a clear error if they cannot be reached.
+# PostgreSQL (127.0.0.1:5432), on which the migrations are tested (no test needs Redis yet):
+# started if it is installed but down, a clear error if it cannot be reached.
 services:
 	@if ! pg_isready -q -h 127.0.0.1 2>/dev/null; then \
 		echo "PostgreSQL is down: starting it"; \
@@ -40,17 +40,6 @@ services:
 		if ! pg_isready -q -h 127.0.0.1 2>/dev/null; then \
 			echo "error: PostgreSQL is not accepting connections on 127.0.0.1:5432;" \
 				"install and start it (user postgres, trust auth) to run the tests" >&2; \
-			exit 1; \
-		fi; \
-	fi
-	@if [ "$$(redis-cli -h 127.0.0.1 ping 2>/dev/null)" != PONG ]; then \
-		echo "Redis is down: starting it"; \
-		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
-			--appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log || true; \
-		for i in 1 2 3 4 5 6 7 8 9 10; do [ "$$(redis-cli -h 127.0.0.1 ping 2>/dev/null)" = PONG ] && break; sleep 1; done; \
-		if [ "$$(redis-cli -h 127.0.0.1 ping 2>/dev/null)" != PONG ]; then \
-			echo "error: Redis is not answering on 127.0.0.1:6379;" \
-				"install and start it to run the tests" >&2; \
 			exit 1; \
 		fi; \
 	fi

@@ -8,6 +8,7 @@ API keys are stored as SHA-256 digests of high-entropy secrets and compared with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -282,31 +283,15 @@ class Catalog:
         """Record a price from its effective time on (now if unset). Old rows stay, so
         usage already charged is never repriced and history can be audited."""
         effective = price.effective_from or datetime.now(UTC)
-        with self.db.begin() as conn:
-            conn.execute(
-                sa.insert(t.prices).values(
-                    model=price.model,
-                    provider=price.provider,
-                    name=price.name or price.model,
-                    input_credits=str(price.input_credits),
-                    per_input_tokens=price.per_input_tokens,
-                    output_credits=str(price.output_credits),
-                    per_output_tokens=price.per_output_tokens,
-                    cached_credits=None
-                    if price.cached_credits is None
-                    else str(price.cached_credits),
-                    per_cached_tokens=price.per_cached_tokens,
-                    effective_from=effective.timestamp(),
-                    source=source,
-                )
-            )
-            self._bump(conn)
-        return Price(**{**price.__dict__, "effective_from": effective})
+        stored = dataclasses.replace(price, effective_from=effective)
+        self.add_prices([stored], source)
+        return stored
 
     def add_prices(self, prices: Sequence[Price], source: str) -> int:
+        """Record several prices in one transaction (all or none)."""
+        now = datetime.now(UTC)
         with self.db.begin() as conn:
             for price in prices:
-                effective = price.effective_from or datetime.now(UTC)
                 conn.execute(
                     sa.insert(t.prices).values(
                         model=price.model,
@@ -320,7 +305,7 @@ class Catalog:
                             None if price.cached_credits is None else str(price.cached_credits)
                         ),
                         per_cached_tokens=price.per_cached_tokens,
-                        effective_from=effective.timestamp(),
+                        effective_from=(price.effective_from or now).timestamp(),
                         source=source,
                     )
                 )
