@@ -102,8 +102,27 @@ EngineFactory = Callable[..., Engine]
 
 
 @pytest.fixture
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Immune to the caller's environment (QUOTAGATE_* variables, a quotagate.toml in the
+    working directory)."""
+    for name in list(os.environ):
+        if name.startswith("QUOTAGATE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_gateway_template() -> Iterator[None]:
+    """Remove the migrated database template the gateway harness copies, once at the end."""
+    yield
+    from tests.gateway.harness import drop_template
+
+    drop_template()
+
+
+@pytest.fixture
 async def make_engine(
-    backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: Backend, tmp_path: Path, isolated_environment: None
 ) -> AsyncIterator[EngineFactory]:
     """Engines on the test's backend with explicit settings, immune to the caller's
     environment (QUOTAGATE_* variables, a quotagate.toml in the working directory).
@@ -111,10 +130,6 @@ async def make_engine(
     Every engine of one test shares the SQLite file; each memory engine is separate.
     The catalog snapshot is re-read on every call so catalog changes apply at once.
     """
-    for name in list(os.environ):
-        if name.startswith("QUOTAGATE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
     engines: list[Engine] = []
 
     def make(**settings: Any) -> Engine:

@@ -9,7 +9,6 @@ ledger and the counters.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,23 +18,12 @@ import httpx
 import pytest
 
 from quotagate.core.limits import Metric, Scope
-from tests.gateway.harness import RunningGateway, drop_template, running_gateway
+from tests.gateway.harness import RunningGateway, running_gateway
 
 MESSAGES = [{"role": "user", "content": "hello there, how are you"}]
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("QUOTAGATE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_template() -> Iterator[None]:
-    yield
-    drop_template()
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 @pytest.fixture

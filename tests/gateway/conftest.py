@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.gateway.harness import RunningGateway, channel, drop_template, running_gateway
+from tests.gateway.harness import RunningGateway, channel, running_gateway
 from tests.support.upstream import RunningUpstream, running_upstream
 
 
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Immune to the caller's QUOTAGATE_* variables and quotagate.toml."""
-    for name in list(os.environ):
-        if name.startswith("QUOTAGATE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _drop_template() -> Iterator[None]:
-    yield
-    drop_template()
+def _isolated(isolated_environment: None) -> None:
+    """Every gateway test is immune to the caller's QUOTAGATE_* settings."""
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import os
 import sys
 import types
 import uuid
@@ -28,23 +27,9 @@ import pytest
 from quotagate.core.limits import Metric, Scope
 from quotagate.gateway.demo import REPLY_WORDS as WORDS
 from quotagate.openwebui import FUNCTION_FILE, PIPELINE_FILE, function_source, pipeline_source
-from tests.gateway.harness import RunningGateway, drop_template, running_gateway
+from tests.gateway.harness import RunningGateway, running_gateway
 
 MODEL = "demo-model"
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("QUOTAGATE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_template() -> Iterator[None]:
-    yield
-    drop_template()
 
 
 def load_function(source: str | None = None) -> types.ModuleType:
@@ -54,6 +39,9 @@ def load_function(source: str | None = None) -> types.ModuleType:
     sys.modules[name] = module
     exec(compile(source or function_source(), name, "exec"), module.__dict__)
     return module
+
+
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ thing). Fast, so every rule is pinned here; the e2e module shows it end to end.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,13 @@ import httpx
 import pytest
 
 from quotagate.core.limits import Metric, Scope
-from tests.gateway.harness import RunningGateway, channel, drop_template, running_gateway
+from tests.gateway.harness import RunningGateway, channel, running_gateway
 from tests.support.upstream import RunningUpstream, running_upstream
 
 MODEL = "demo-model"
 
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("QUOTAGATE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_template() -> Iterator[None]:
-    yield
-    drop_template()
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 @pytest.fixture

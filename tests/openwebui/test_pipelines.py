@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
-import os
 import shutil
 import socket
 import threading
@@ -37,23 +36,9 @@ from starlette.routing import Route
 
 from quotagate.core.limits import Metric, Scope
 from quotagate.openwebui import PIPELINE_FILE, pipeline_source
-from tests.gateway.harness import RunningGateway, drop_template, running_gateway
+from tests.gateway.harness import RunningGateway, running_gateway
 
 MODEL = "demo-model"
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith("QUOTAGATE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("QUOTAGATE_CONFIG", str(tmp_path / "no-such-config.toml"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_template() -> Iterator[None]:
-    yield
-    drop_template()
 
 
 # -- a Pipelines server (the routes and behaviour of open-webui/pipelines main.py) -------------
@@ -202,6 +187,9 @@ def outlet_body(inlet: dict[str, Any], text: str, usage: dict[str, int] | None) 
         "session_id": meta["session_id"],
         "id": message_id,
     }
+
+
+pytestmark = pytest.mark.usefixtures("isolated_environment")
 
 
 @pytest.fixture
