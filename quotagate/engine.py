@@ -8,6 +8,7 @@ exactly one ledger row; `cancel` releases it; `sweep` settles tickets whose leas
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -182,6 +183,7 @@ class Engine:
         self._users: dict[str, User] = {}
         self._prices = _PriceRecords()
         self._specs: dict[tuple[Any, ...], tuple[list[_Spec], list[_Option]]] = {}
+        self._releasing: set[asyncio.Future[bool]] = set()
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Engine:
@@ -289,15 +291,19 @@ class Engine:
                 "price": price_to_record(price, exact=True),
                 "multiplier": str(multiplier),
             }
-            decision = await self.store.reserve(
-                ticket_id,
-                holds,
-                want,
-                strict=strict,
-                min_output=min_output,
-                expires_at=expires,
-                payload=orjson.dumps(record).decode(),
-            )
+            try:
+                decision = await self.store.reserve(
+                    ticket_id,
+                    holds,
+                    want,
+                    strict=strict,
+                    min_output=min_output,
+                    expires_at=expires,
+                    payload=orjson.dumps(record).decode(),
+                )
+            except asyncio.CancelledError:
+                self._give_back(ticket_id)
+                raise
             if decision.admitted:
                 return _admitted(record, decision)
             if first_refusal is None and reported:
@@ -306,6 +312,18 @@ class Engine:
                 first_refusal = (specs[index], holds[index], decision.used, decision.reserved)
         assert first_refusal is not None
         raise QuotaExceeded(await self._refusal(*first_refusal, want, at))
+
+    def _give_back(self, ticket_id: str) -> None:
+        """The caller was cancelled while the store reserved. If the reservation was made,
+        nobody holds its ticket: release it now rather than let its lease charge for it."""
+        task = asyncio.ensure_future(self.store.release(ticket_id))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Future[bool]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not release abandoned ticket: %s", task.exception())
 
     def _prompt_tokens(self, ctx: AdmitContext) -> int:
         if ctx.prompt_tokens is not None:

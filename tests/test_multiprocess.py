@@ -1,6 +1,7 @@
 """Several OS processes admit and settle on one SQLite file against a tight daily limit:
 the limit holds across processes, some requests are refused, and the counters equal the
-ledger afterwards.
+ledger afterwards. Each process runs several tasks at once, as a gateway worker does, so
+its writes go to the file in group-committed batches that compete with the others'.
 
 Processes are started with `spawn`, so each one has its own interpreter, its own engine,
 its own SQLite connections: nothing is shared but the file."""
@@ -23,11 +24,13 @@ from quotagate.core.pricing import Usage
 from quotagate.engine import AdmitContext
 from quotagate.store.base import EventQuery
 from quotagate.store.factory import open_engine
+from quotagate.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.timeout(120)
 
 PROCESSES = 4
 PAIRS = 250
+TASKS = 8  # concurrent tasks per process, sharing its PAIRS
 DAILY_LIMIT = 60_000
 NOW = datetime(2025, 6, 2, 12, 0, tzinfo=UTC)
 NEWCOMERS = [f"newcomer-{n}" for n in range(5)]
@@ -42,8 +45,8 @@ SETTINGS: dict[str, Any] = dict(
 
 
 def hammer(url: str, seed: int, start: Any, results: Any) -> None:
-    """One process: PAIRS admit+settle pairs; puts (seed, admitted, refused, clamped), or
-    (seed, traceback) if anything but a refusal went wrong."""
+    """One process: PAIRS admit+settle pairs; puts (seed, admitted, refused, clamped,
+    write transactions), or (seed, traceback) if anything but a refusal went wrong."""
     try:
         _hammer(url, seed, start, results)
     except BaseException:
@@ -56,9 +59,14 @@ def _hammer(url: str, seed: int, start: Any, results: Any) -> None:
     os.environ["QUOTAGATE_CONFIG"] = "/nonexistent/quotagate.toml"
     rng = random.Random(seed)
 
-    async def run() -> tuple[int, int, int]:
+    async def run() -> tuple[int, int, int, int]:
         engine = open_engine(url, create=False, **SETTINGS)
         admitted = refused = clamped = 0
+        assert isinstance(engine.store, SQLiteStore)
+        begun: list[str] = []
+        engine.store._conn.set_trace_callback(
+            lambda sql: begun.append(sql) if sql.startswith("BEGIN IMMEDIATE") else None
+        )
         start.wait(60)  # everyone starts hammering at once
         try:
             # users first seen by several processes at the same moment
@@ -67,25 +75,31 @@ def _hammer(url: str, seed: int, start: Any, results: Any) -> None:
                     user=newcomer, model="gpt-4o", prompt_tokens=1, max_tokens=1, groups=["lab"]
                 )
                 await engine.settle(await engine.admit(context, now=NOW), Usage(1, 1), now=NOW)
-            for _ in range(PAIRS):
-                context = AdmitContext(
-                    user="alice",
-                    model="gpt-4o",
-                    prompt_tokens=rng.randint(10, 80),
-                    max_tokens=rng.randint(20, 200),
-                )
-                try:
-                    ticket = await engine.admit(context, now=NOW)
-                except QuotaExceeded:
-                    refused += 1
-                    continue
-                admitted += 1
-                clamped += ticket.clamped
-                usage = Usage(ticket.prompt_tokens, rng.randint(0, ticket.max_tokens))
-                await engine.settle(ticket, usage, now=NOW)
+
+            async def client(pairs: int) -> None:
+                nonlocal admitted, refused, clamped
+                for _ in range(pairs):
+                    context = AdmitContext(
+                        user="alice",
+                        model="gpt-4o",
+                        prompt_tokens=rng.randint(10, 80),
+                        max_tokens=rng.randint(20, 200),
+                    )
+                    try:
+                        ticket = await engine.admit(context, now=NOW)
+                    except QuotaExceeded:
+                        refused += 1
+                        continue
+                    admitted += 1
+                    clamped += ticket.clamped
+                    usage = Usage(ticket.prompt_tokens, rng.randint(0, ticket.max_tokens))
+                    await engine.settle(ticket, usage, now=NOW)
+
+            shares = [PAIRS // TASKS + (n < PAIRS % TASKS) for n in range(TASKS)]
+            await asyncio.gather(*(client(share) for share in shares))
         finally:
             await engine.close()
-        return admitted, refused, clamped
+        return admitted, refused, clamped, len(begun)
 
     results.put((seed, *asyncio.run(run())))
 
@@ -120,7 +134,11 @@ async def test_processes_sharing_one_sqlite_file_never_overspend(tmp_path: Path)
     assert refused > 0, "the limit never bound: make it tighter"
     # Interleaving really happened (which process wins more is up to the scheduler).
     assert sum(1 for r in results if r[1] > 0) >= 2, "only one process got requests through"
-    print("admitted, refused, clamped per process:", sorted(results))
+    print("admitted, refused, clamped, transactions per process:", sorted(results))
+    # Group commit: the tasks of a process share transactions (a write each otherwise).
+    writes = 2 * admitted + refused
+    transactions = sum(r[4] for r in results)
+    assert transactions < writes / 2, f"{transactions} transactions for {writes} writes"
 
     engine = open_engine(url, create=False, **SETTINGS)
     try:

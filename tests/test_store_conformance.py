@@ -185,6 +185,60 @@ async def test_concurrent_reserves_never_overbook(store: CounterStore) -> None:
     assert await state(store, "k") == (0, 1000)
 
 
+async def test_writes_in_flight_together_each_see_the_ones_before(store: CounterStore) -> None:
+    """Writes started in the same turn (the SQLite store applies them in one transaction)
+    take effect in the order they were made."""
+    await reserve(store, "x", [hold("k", 100, 0)], 50)
+    results = await asyncio.gather(
+        store.release("x"),  # frees the 50 that x held
+        reserve(store, "a", [hold("k", 100, 0)], 60, min_output=60),  # fits only after it
+        reserve(store, "b", [hold("k", 100, 0)], 60, min_output=60),  # 40 left: refused
+        reserve(store, "c", [hold("k", 100, 0)], 60),  # clamped to the 40 left
+        store.commit("x", event("x", [("k", 5)])),  # released just before: nothing
+        store.commit("a", event("a", [("k", 10)])),  # a, reserved in this turn, settles
+        store.release("a"),  # already settled
+    )
+    released, a, b, c, x_settled, a_settled, a_released = results
+    assert released is True
+    assert (a.admitted, b.admitted, c.admitted, c.max_output) == (True, False, True, 40)
+    assert x_settled is None
+    assert a_settled is not None and a_settled.charges == [("k", 10)]
+    assert a_released is False
+    assert await state(store, "k") == (10, 40)
+    assert [t.id for t in await store.expired(1e9)] == ["c"]
+    assert [e.ticket_id for e in await store.events(EventQuery())] == ["a"]
+    assert await store.reconcile(repair=False) == []
+
+
+async def test_a_failing_write_does_not_fail_the_others_in_flight(store: CounterStore) -> None:
+    await reserve(store, "a", [hold("k", 1000, 0)], 10)
+    duplicate, other, settled = await asyncio.gather(
+        reserve(store, "a", [hold("k", 1000, 0)], 10),
+        reserve(store, "b", [hold("k", 1000, 0)], 20),
+        store.commit("a", event("a", [("k", 7)])),
+        return_exceptions=True,
+    )
+    assert isinstance(duplicate, Exception)
+    assert not isinstance(other, BaseException) and other.admitted
+    assert isinstance(settled, UsageEvent)
+    assert await state(store, "k") == (7, 20)
+    assert await store.reconcile(repair=False) == []
+
+
+async def test_a_cancelled_reserve_either_returned_or_left_nothing(store: CounterStore) -> None:
+    task = asyncio.create_task(reserve(store, "a", [hold("k", 1000, 0)], 10))
+    await asyncio.sleep(0)  # the task starts its reserve
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0)
+    if task.cancelled():
+        assert await store.ticket("a") is None
+        assert await state(store, "k") == (0, 0)
+    else:
+        assert task.result().admitted
+        assert await state(store, "k") == (0, 10)
+
+
 # -- commit / release --------------------------------------------------------------------
 
 

@@ -1,9 +1,11 @@
 """Counters and ledger in one SQLite file (WAL), shared safely by several processes.
 
-The hot path uses the standard library's sqlite3 directly: an admit or a settle is one
-``BEGIN IMMEDIATE`` transaction of a few statements, which takes SQLite's write lock, so
-the check and the reservation are atomic across processes. Its cost depends on the
-number of counters a request touches, never on the size of the ledger.
+The hot path uses the standard library's sqlite3 directly. Writes (reserve, commit,
+release) go through :mod:`~quotagate.store.group_commit`: those submitted in the same turn
+of the event loop are applied in order in one ``BEGIN IMMEDIATE`` transaction, which takes
+SQLite's write lock, so every check and its reservation are atomic across processes. A
+write's cost depends on the number of counters it touches, never on the size of the
+ledger, and concurrent requests share the transaction's fixed cost.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
 
 import orjson
 
@@ -26,6 +30,7 @@ from quotagate.store.base import (
     diff_counters,
     expected_counters,
 )
+from quotagate.store.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,9 @@ _UPSERT = (
 _INSERT_EVENT = (
     f"INSERT INTO usage_events ({_EVENT_COLUMNS.removeprefix('id, ')}) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_TICKET = (
+    "INSERT INTO tickets (id, expires_at, held, max_output, payload) VALUES (?, ?, ?, ?, ?)"
 )
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 CHECKPOINT_SECONDS = 1.0
@@ -74,6 +82,7 @@ class SQLiteStore:
             target=self._checkpoint_loop, name="quotagate-sqlite-checkpoint", daemon=True
         )
         self._checkpointer.start()
+        self._writes: GroupCommit[_Write] = GroupCommit(self._apply)
 
     def _checkpoint_loop(self) -> None:
         """Every CHECKPOINT_SECONDS, copy the WAL into the database on a connection of its
@@ -109,18 +118,6 @@ class SQLiteStore:
                     raise StoreUnavailable(f"SQLite store {self.path} failed: {exc}") from exc
                 raise
 
-    def _states(self, conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
-        found: dict[str, tuple[int, int]] = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for key, used, reserved in conn.execute(
-                f"SELECT key, used, reserved FROM counters WHERE key IN ({marks})", chunk
-            ):
-                found[key] = (used, reserved)
-        return found
-
     async def reserve(
         self,
         ticket_id: str,
@@ -132,68 +129,30 @@ class SQLiteStore:
         expires_at: float,
         payload: str,
     ) -> Decision:
-        with self._write() as conn:
-            found = self._states(conn, [k for hold in holds for k in hold.read_keys])
-            states = [_sum(found, hold.read_keys) for hold in holds]
-            decision = decide(holds, states, want_output, strict=strict, min_output=min_output)
-            if decision.admitted:
-                conn.executemany(
-                    _UPSERT,
-                    [(h.key, 0, a, h.expires_at) for h, a in zip(holds, decision.amounts)],
-                )
-                held = [[h.key, a] for h, a in zip(holds, decision.amounts)]
-                conn.execute(
-                    "INSERT INTO tickets (id, expires_at, held, max_output, payload) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (ticket_id, expires_at, _dumps(held), decision.max_output, payload),
-                )
-        return decision
+        write = _Reserve(ticket_id, holds, want_output, strict, min_output, expires_at, payload)
+        return cast(Decision, await self._writes.submit(write))
 
     async def commit(self, ticket_id: str, event: UsageEvent) -> UsageEvent | None:
-        with self._write() as conn:
-            held = _take_ticket(conn, ticket_id)
-            if held is None:
-                return self._event(conn, ticket_id)
-            deltas: dict[str, list[int]] = {}
-            for key, amount in orjson.loads(held):
-                deltas.setdefault(key, [0, 0])[1] -= amount
-            for key, amount in event.charges:
-                deltas.setdefault(key, [0, 0])[0] += amount
-            conn.executemany(_UPSERT, [(k, u, r, None) for k, (u, r) in deltas.items()])
-            cursor = conn.execute(
-                _INSERT_EVENT,
-                (
-                    event.ticket_id,
-                    event.user_id,
-                    event.key_id,
-                    event.model,
-                    event.channel,
-                    event.pool,
-                    event.source,
-                    event.status,
-                    event.estimated,
-                    event.started_at,
-                    event.settled_at,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.cached_tokens,
-                    event.credits,
-                    event.excess,
-                    _dumps(event.charges),
-                ),
-            )
-            event.id = cursor.lastrowid
-        return event
+        return cast(UsageEvent | None, await self._writes.submit(_Commit(ticket_id, event)))
 
     async def release(self, ticket_id: str) -> bool:
-        with self._write() as conn:
-            held = _take_ticket(conn, ticket_id)
-            if held is None:
-                return False
-            conn.executemany(
-                _UPSERT, [(key, 0, -amount, None) for key, amount in orjson.loads(held)]
-            )
-        return True
+        return cast(bool, await self._writes.submit(_Release(ticket_id)))
+
+    def _apply(self, writes: Sequence[_Write]) -> list[object]:
+        """Apply a batch of writes in one transaction, each seeing the ones before it.
+
+        If the transaction fails for a reason that is not the store's (one write breaks a
+        constraint, say), the writes are applied one by one, so each gets its own outcome.
+        """
+        try:
+            with self._write() as conn:
+                return _Batch(conn).apply(writes)
+        except StoreUnavailable as exc:
+            return [exc] * len(writes)
+        except Exception as exc:
+            if len(writes) == 1:
+                return [exc]
+            return [self._apply([write])[0] for write in writes]
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -220,17 +179,11 @@ class SQLiteStore:
 
     async def counters(self, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
         with self._read() as conn:
-            return self._states(conn, keys)
+            return _states(conn, keys)
 
     async def event(self, ticket_id: str) -> UsageEvent | None:
         with self._read() as conn:
-            return self._event(conn, ticket_id)
-
-    def _event(self, conn: sqlite3.Connection, ticket_id: str) -> UsageEvent | None:
-        row = conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM usage_events WHERE ticket_id = ?", (ticket_id,)
-        ).fetchone()
-        return _usage_event(row) if row else None
+            return _event(conn, ticket_id)
 
     async def events(self, query: EventQuery) -> list[UsageEvent]:
         clauses, params = _where(query)
@@ -276,6 +229,174 @@ class SQLiteStore:
             self._conn.close()
 
 
+@dataclass(slots=True)
+class _Reserve:
+    ticket_id: str
+    holds: Sequence[Hold]
+    want_output: int
+    strict: bool
+    min_output: int
+    expires_at: float
+    payload: str
+
+
+@dataclass(slots=True)
+class _Commit:
+    ticket_id: str
+    event: UsageEvent
+
+
+@dataclass(slots=True)
+class _Release:
+    ticket_id: str
+
+
+_Write = _Reserve | _Commit | _Release
+
+
+class _Batch:
+    """The writes of one transaction, applied in order against the counters as the
+    earlier writes of the batch left them; counter changes are summed per key and
+    written once at the end, so requests that share a counter share its upsert."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        #: (used, reserved) of every counter a reservation of this batch reads
+        self.counters: dict[str, list[int]] = {}
+        #: key → [used change, reserved change, expires_at]
+        self.changes: dict[str, list[Any]] = {}
+
+    def apply(self, writes: Sequence[_Write]) -> list[object]:
+        read = [k for w in writes if isinstance(w, _Reserve) for h in w.holds for k in h.read_keys]
+        self.counters = {key: [0, 0] for key in read}
+        for key, (used, reserved) in _states(self.conn, read).items():
+            self.counters[key] = [used, reserved]
+        outcomes = [self._one(write) for write in writes]
+        if self.changes:
+            self.conn.executemany(
+                _UPSERT, [(key, u, r, exp) for key, (u, r, exp) in self.changes.items()]
+            )
+        return outcomes
+
+    def _one(self, write: _Write) -> object:
+        if isinstance(write, _Reserve):
+            return self._reserve(write)
+        held = self._take(write.ticket_id)
+        if isinstance(write, _Release):
+            if held is None:
+                return False
+            for key, amount in held:
+                self._change(key, 0, -amount)
+            return True
+        if held is None:
+            return _event(self.conn, write.ticket_id)
+        for key, amount in held:
+            self._change(key, 0, -amount)
+        for key, amount in write.event.charges:
+            self._change(key, amount, 0)
+        return _insert_event(self.conn, write.event)
+
+    def _reserve(self, write: _Reserve) -> Decision:
+        states = [self._sum(hold.read_keys) for hold in write.holds]
+        decision = decide(
+            write.holds,
+            states,
+            write.want_output,
+            strict=write.strict,
+            min_output=write.min_output,
+        )
+        if decision.admitted:
+            held = [[h.key, a] for h, a in zip(write.holds, decision.amounts)]
+            for hold, amount in zip(write.holds, decision.amounts):
+                self._change(hold.key, 0, amount, hold.expires_at)
+            self.conn.execute(
+                _INSERT_TICKET,
+                (
+                    write.ticket_id,
+                    write.expires_at,
+                    _dumps(held),
+                    decision.max_output,
+                    write.payload,
+                ),
+            )
+        return decision
+
+    def _sum(self, keys: Sequence[str]) -> tuple[int, int]:
+        used = reserved = 0
+        for key in keys:
+            state = self.counters[key]
+            used += state[0]
+            reserved += state[1]
+        return used, reserved
+
+    def _change(self, key: str, used: int, reserved: int, expires_at: float | None = None) -> None:
+        change = self.changes.get(key)
+        if change is None:
+            self.changes[key] = [used, reserved, expires_at]
+        else:
+            change[0] += used
+            change[1] += reserved
+            if change[2] is None:
+                change[2] = expires_at
+        state = self.counters.get(key)
+        if state is not None:
+            state[0] += used
+            state[1] += reserved
+
+    def _take(self, ticket_id: str) -> list[tuple[str, int]] | None:
+        """Take a pending ticket out; what it held, or None if it is not pending."""
+        held = _take_ticket(self.conn, ticket_id)
+        return None if held is None else [(key, amount) for key, amount in orjson.loads(held)]
+
+
+def _insert_event(conn: sqlite3.Connection, event: UsageEvent) -> UsageEvent:
+    cursor = conn.execute(
+        _INSERT_EVENT,
+        (
+            event.ticket_id,
+            event.user_id,
+            event.key_id,
+            event.model,
+            event.channel,
+            event.pool,
+            event.source,
+            event.status,
+            event.estimated,
+            event.started_at,
+            event.settled_at,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cached_tokens,
+            event.credits,
+            event.excess,
+            _dumps(event.charges),
+        ),
+    )
+    event.id = cursor.lastrowid
+    return event
+
+
+def _event(conn: sqlite3.Connection, ticket_id: str) -> UsageEvent | None:
+    row = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM usage_events WHERE ticket_id = ?", (ticket_id,)
+    ).fetchone()
+    return _usage_event(row) if row else None
+
+
+def _states(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(used, reserved) of each key that has a row."""
+    found: dict[str, tuple[int, int]] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for key, used, reserved in conn.execute(
+            f"SELECT key, used, reserved FROM counters WHERE key IN ({marks})", chunk
+        ):
+            found[key] = (used, reserved)
+    return found
+
+
 def _take_ticket(conn: sqlite3.Connection, ticket_id: str) -> str | None:
     """Deletes a ticket and returns what it held (its JSON), or None if it is gone. One
     statement where SQLite has RETURNING (3.35+): a settle is on every request's path."""
@@ -293,17 +414,6 @@ def _take_ticket(conn: sqlite3.Connection, ticket_id: str) -> str | None:
 def _dumps(value: object) -> str:
     """JSON text of the [[key, amount], ...] lists kept in the ledger and tickets."""
     return orjson.dumps(value).decode()
-
-
-def _sum(found: dict[str, tuple[int, int]], keys: Sequence[str]) -> tuple[int, int]:
-    """(used, reserved) summed over `keys`; keys never written count as zero."""
-    used = reserved = 0
-    for key in keys:
-        state = found.get(key)
-        if state is not None:
-            used += state[0]
-            reserved += state[1]
-    return used, reserved
 
 
 def _where(query: EventQuery) -> tuple[str, list[object]]:

@@ -1,0 +1,134 @@
+"""Group commit on SQLite: concurrent requests share transactions, each still gets its
+own outcome, the limits hold, and a caller that leaves never strands a reservation."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from quotagate.core.errors import QuotaExceeded, StoreUnavailable
+from quotagate.core.pricing import Usage
+from quotagate.engine import AdmitContext, Engine
+from quotagate.store.factory import open_engine
+from quotagate.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.timeout(60)
+
+NOW = datetime(2025, 6, 2, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, isolated_environment: None) -> AsyncIterator[Engine]:
+    opened = open_engine(
+        f"sqlite:///{tmp_path / 'qg.db'}", catalog_refresh_seconds=0, timezone="UTC"
+    )
+    opened.catalog.set_limit("role", "user", "tokens", "day", 10_000)
+    opened.catalog.set_limit("role", "user", "requests", "day", 1_000)
+    yield opened
+    await opened.close()
+
+
+def transactions(store: SQLiteStore) -> list[int]:
+    """A list that grows by one at every write transaction the store begins."""
+    begun: list[int] = []
+    store._conn.set_trace_callback(
+        lambda sql: begun.append(1) if sql.startswith("BEGIN IMMEDIATE") else None
+    )
+    return begun
+
+
+async def test_concurrent_requests_share_transactions_and_never_overspend(engine: Engine) -> None:
+    store = engine.store
+    assert isinstance(store, SQLiteStore)
+    begun = transactions(store)
+
+    async def request(n: int) -> int:
+        context = AdmitContext(user=f"u{n % 5}", model="gpt-4o", prompt_tokens=100, max_tokens=900)
+        try:
+            ticket = await engine.admit(context, now=NOW)
+        except QuotaExceeded:
+            return 0
+        await engine.settle(ticket, Usage(100, ticket.max_tokens), now=NOW)
+        return 1
+
+    admitted = sum(await asyncio.gather(*(request(n) for n in range(100))))
+    # five users with 10,000 tokens a day each, 1,000 tokens per request at most: every
+    # user gets exactly 10 full requests, then clamped ones until nothing is left
+    assert admitted >= 50
+    for user in (f"u{n}" for n in range(5)):
+        tokens = next(s for s in await engine.status(user, now=NOW) if s.metric.value == "tokens")
+        assert (tokens.used, tokens.reserved) == (10_000, 0)
+    assert await engine.reconcile(repair=False) == []
+    writes = 2 * admitted + (100 - admitted)  # admit+settle, or a refused admit
+    assert len(begun) * 4 <= writes, f"{len(begun)} transactions for {writes} writes"
+
+
+async def test_a_caller_cancelled_after_its_reservation_gets_it_released(engine: Engine) -> None:
+    """The batch reserved, then the caller was cancelled before it could take the ticket:
+    nobody holds that ticket, so the engine releases it instead of leaving it to the
+    lease (which would charge the user for a request never made)."""
+    store = engine.store
+    assert isinstance(store, SQLiteStore)
+    context = AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=100)
+    task = asyncio.create_task(engine.admit(context, now=NOW))
+    await asyncio.sleep(0)  # the admit submits its reservation
+    await asyncio.sleep(0)  # the batch runs; the task has yet to resume
+    assert len(await store.expired(float("inf"))) == 1, "the reservation was not made yet"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert await store.expired(float("inf")) == []
+    statuses = await engine.status("alice", now=NOW)
+    assert all((s.used, s.reserved) == (0, 0) for s in statuses)
+    assert await engine.reconcile(repair=False) == []
+
+
+async def test_a_caller_cancelled_before_its_batch_ran_reserves_nothing(engine: Engine) -> None:
+    store = engine.store
+    assert isinstance(store, SQLiteStore)
+    context = AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=100)
+    task = asyncio.create_task(engine.admit(context, now=NOW))
+    await asyncio.sleep(0)  # the admit submits its reservation; the batch has not run
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert await store.expired(float("inf")) == []
+    statuses = await engine.status("alice", now=NOW)
+    assert all((s.used, s.reserved) == (0, 0) for s in statuses)
+
+
+async def test_a_locked_database_fails_every_write_of_the_batch_cleanly(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Another process holds the write lock past the busy timeout: each caller gets a
+    StoreUnavailable, nothing is half-written, and the store works once the lock goes."""
+    store = engine.store
+    assert isinstance(store, SQLiteStore)
+    store._conn.execute("PRAGMA busy_timeout=50")
+    engine.catalog.ensure_user("alice", "user")  # the catalog's own writes wait 30 s
+    blocker = sqlite3.connect(tmp_path / "qg.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    contexts = [
+        AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=10)
+        for _ in range(3)
+    ]
+    outcomes = await asyncio.gather(
+        *(engine.admit(c, now=NOW) for c in contexts), return_exceptions=True
+    )
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    ticket = await engine.admit(contexts[0], now=NOW)
+    await engine.settle(ticket, Usage(10, 10), now=NOW)
+    assert await engine.reconcile(repair=False) == []
+    tokens = next(s for s in await engine.status("alice", now=NOW) if s.metric.value == "tokens")
+    assert (tokens.used, tokens.reserved) == (20, 0)
