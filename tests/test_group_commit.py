@@ -57,9 +57,9 @@ async def test_concurrent_requests_share_transactions_and_never_overspend(engine
         return 1
 
     admitted = sum(await asyncio.gather(*(request(n) for n in range(100))))
-    # five users with 10,000 tokens a day each, 1,000 tokens per request at most: every
-    # user gets exactly 10 full requests, then clamped ones until nothing is left
-    assert admitted >= 50
+    # five users with 10,000 tokens a day each and 20 requests each of 100 + 900 tokens:
+    # the first 10 of each fit exactly, then not even a prompt fits
+    assert admitted == 50
     for user in (f"u{n}" for n in range(5)):
         tokens = next(s for s in await engine.status(user, now=NOW) if s.metric.value == "tokens")
         assert (tokens.used, tokens.reserved) == (10_000, 0)
@@ -132,3 +132,24 @@ async def test_a_locked_database_fails_every_write_of_the_batch_cleanly(
     assert await engine.reconcile(repair=False) == []
     tokens = next(s for s in await engine.status("alice", now=NOW) if s.metric.value == "tokens")
     assert (tokens.used, tokens.reserved) == (20, 0)
+
+
+async def test_writes_waiting_for_their_turn_are_applied_before_the_store_closes(
+    tmp_path: Path, isolated_environment: None
+) -> None:
+    url = f"sqlite:///{tmp_path / 'closing.db'}"
+    engine = open_engine(url, catalog_refresh_seconds=0)
+    context = AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=10)
+    ticket = await engine.admit(context, now=NOW)
+    settling = asyncio.create_task(engine.settle(ticket, Usage(10, 5), now=NOW))
+    await asyncio.sleep(0)  # the settle waits for its batch
+    await engine.close()
+    event = await settling
+    assert event.total_tokens == 15
+    reopened = open_engine(url, catalog_refresh_seconds=0)
+    try:
+        stored = await reopened.store.event(ticket.id)
+        assert stored is not None and stored.total_tokens == 15
+        assert await reopened.reconcile(repair=False) == []
+    finally:
+        await reopened.close()

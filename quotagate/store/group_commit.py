@@ -49,6 +49,13 @@ class GroupCommit(Generic[Write]):
             return _outcome(self._apply([write])[0])
         return await future
 
+    def flush(self) -> None:
+        """Apply the writes waiting for this loop's turn now (before the store closes)."""
+        with self._guard:
+            mine = self._waiting and self._loop is _running_loop()
+        if mine:
+            self._flush()
+
     def _flush(self) -> None:
         with self._guard:
             batch, self._waiting = self._waiting, []
@@ -66,6 +73,13 @@ class GroupCommit(Generic[Write]):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _outcome(outcome: object) -> object:

@@ -223,6 +223,7 @@ class SQLiteStore:
         return diffs
 
     async def close(self) -> None:
+        self._writes.flush()
         self._closing.set()
         self._checkpointer.join()
         with self._lock:
