@@ -716,3 +716,18 @@ def test_broken_configuration_file_is_an_error_not_a_traceback(
     result = cli(db, "status", "alice")
     assert result.exit_code == 2
     assert "unknown timezone 'Mars/Olympus'" in result.stderr
+
+
+@pytest.mark.parametrize("width", [40, 80, 160])
+def test_usage_tables_never_shorten_a_figure(
+    db: Path, width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a narrow terminal the table wraps; it never replaces digits with an ellipsis."""
+    ok(db, "limits", "set", "--everyone", "unlimited")
+    events = asyncio.run(traffic(db, [("alice", "gpt-4o-mini", 123_456_789, 987_654)]))
+    monkeypatch.setattr(common.out, "width", width)
+    text = ok(db, "usage", "--by", "model").stdout
+    assert "…" not in text
+    if width >= 80:  # room for every figure on one line
+        assert f"{events[0].prompt_tokens:,}" in text
+        assert f"{events[0].total_tokens:,}" in text

@@ -338,6 +338,62 @@ async def test_events_filters(store: CounterStore) -> None:
     assert await ids(user_id="carol") == []
 
 
+async def test_usage_sums_the_matching_ledger_rows_per_group(store: CounterStore) -> None:
+    rows = [
+        ("e1", "alice", "gpt-4o", 100.0, 10, 20, 3, 700, False),
+        ("e2", "bob", "gpt-4o", 950.0, 1, 2, 0, 30, True),
+        ("e3", "alice", "llama", 1000.0, 5, 0, 0, 0, False),
+        ("e4", "alice", "gpt-4o", 1900.0, 7, 8, 7, 90, True),
+    ]
+    for ticket_id, user, model, started, prompt, completion, cached, credits, guess in rows:
+        await reserve(store, ticket_id, [hold("k", None, 1)], 1)
+        await store.commit(
+            ticket_id,
+            event(
+                ticket_id,
+                [("k", prompt + completion)],
+                user_id=user,
+                model=model,
+                started_at=started,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cached_tokens=cached,
+                credits=credits,
+                estimated=guess,
+            ),
+        )
+
+    async def sums(by: str, **query: object) -> dict[object, tuple[int, ...]]:
+        found = await store.usage(EventQuery(**query), by)  # type: ignore[arg-type]
+        return {
+            s.key: (
+                s.requests,
+                s.prompt_tokens,
+                s.completion_tokens,
+                s.cached_tokens,
+                s.credits,
+                s.estimated,
+            )
+            for s in found
+        }
+
+    assert await sums("user") == {"alice": (3, 22, 28, 10, 790, 1), "bob": (1, 1, 2, 0, 30, 1)}
+    assert await sums("model") == {"gpt-4o": (3, 18, 30, 10, 820, 2), "llama": (1, 5, 0, 0, 0, 0)}
+    # quarter hours since 1970: 100 s and 950 s fall in slots 0 and 1, 1,000 in 1, 1,900 in 2
+    assert await sums("slot") == {
+        0: (1, 10, 20, 3, 700, 0),
+        1: (2, 6, 2, 0, 30, 1),
+        2: (1, 7, 8, 7, 90, 1),
+    }
+    assert await sums("user", model="gpt-4o", since=500.0) == {
+        "alice": (1, 7, 8, 7, 90, 1),
+        "bob": (1, 1, 2, 0, 30, 1),
+    }
+    assert await sums("model", user_id="carol") == {}
+    with pytest.raises(ValueError):
+        await store.usage(EventQuery(), "colour")
+
+
 async def test_event_round_trips_every_field(store: CounterStore) -> None:
     await reserve(store, "a", [hold("k", None, 1)], 1)
     original = event(

@@ -26,17 +26,18 @@ from quotagate.admin.common import (
 )
 from quotagate.admin.reports import (
     STATUS_COLUMNS,
+    STORE_GROUPS,
     USAGE_FIELDS,
     GroupBy,
-    UsageRow,
-    aggregate,
     status_cells,
     status_record,
     total,
+    usage_record,
+    usage_rows,
 )
 from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Metric, format_amount
-from quotagate.store.base import EventQuery
+from quotagate.store.base import EventQuery, UsageSum
 
 
 def register(app: typer.Typer) -> None:
@@ -81,10 +82,10 @@ def usage(
         until=end.timestamp() if end else None,
     )
     with opened(ctx) as engine:
-        events = asyncio.run(engine.store.events(query))
-    rows = aggregate(events, by, tz)
+        sums = asyncio.run(engine.store.usage(query, STORE_GROUPS[by]))
+    rows = usage_rows(sums, by, tz)
     if format is Format.json:
-        print_json([row.record(by.value) for row in rows])
+        print_json([usage_record(row, by) for row in rows])
     elif format is Format.csv:
         print_csv((by.value, *USAGE_FIELDS), [_csv_cells(row) for row in rows])
     else:
@@ -95,7 +96,7 @@ def usage(
         out.print(table(f"Usage by {by.value} ({tz})", columns, cells))
 
 
-def _csv_cells(row: UsageRow) -> list[object]:
+def _csv_cells(row: UsageSum) -> list[object]:
     return [
         row.key,
         row.requests,
@@ -108,7 +109,7 @@ def _csv_cells(row: UsageRow) -> list[object]:
     ]
 
 
-def _table_cells(row: UsageRow) -> list[object]:
+def _table_cells(row: UsageSum) -> list[object]:
     return [
         row.key,
         f"{row.requests:,}",

@@ -175,10 +175,12 @@ def value_number(metric: Metric, amount: int | None) -> int | float | None:
 
 
 def local_time(moment: datetime | None, tz: str) -> str:
+    """A moment for people: local date and time, seconds only when there are any."""
     if moment is None:
         return "never"
     local = moment.astimezone(zone(tz))
-    return f"{local:%Y-%m-%d %H:%M:%S} {local.tzname()}"
+    clock = "%H:%M:%S" if local.second or local.microsecond else "%H:%M"
+    return f"{local:%Y-%m-%d} {local:{clock}} {local.tzname()}"
 
 
 def iso_time(moment: datetime | None, tz: str) -> str | None:
@@ -186,13 +188,32 @@ def iso_time(moment: datetime | None, tz: str) -> str | None:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> Table:
-    """A Rich table; columns whose name starts with '>' are right-aligned (numbers)."""
+    """A Rich table; columns whose name starts with '>' are right-aligned numbers.
+
+    Nothing is shortened with an ellipsis in a narrow terminal: numbers keep their whole
+    width while they fit side by side, and text wraps, folding a word wider than its
+    column onto the next line.
+    """
+    texts = [[escape(str(cell)) for cell in row] for row in rows]
+    widths = [max((len(row[i]) for row in texts), default=0) for i in range(len(columns))]
+    numbers = [i for i, column in enumerate(columns) if column.startswith(">")]
+    # each column takes 3 characters of border and padding, each text column at least 4
+    texts_need = 4 * (len(columns) - len(numbers))
+    whole = sum(widths[i] for i in numbers) + 3 * len(columns) + 1 + texts_need <= out.width
     result = Table(title=title, title_justify="left", show_lines=False)
-    for column in columns:
-        numeric = column.startswith(">")
-        result.add_column(column.lstrip(">"), justify="right" if numeric else "left")
-    for row in rows:
-        result.add_row(*(escape(str(cell)) for cell in row))
+    for index, column in enumerate(columns):
+        if index in numbers:
+            result.add_column(
+                column[1:],
+                justify="right",
+                overflow="fold",
+                no_wrap=whole,
+                min_width=widths[index] if whole else None,
+            )
+        else:
+            result.add_column(column, overflow="fold")
+    for row in texts:
+        result.add_row(*row)
     return result
 
 

@@ -19,9 +19,10 @@ from rich.panel import Panel
 from quotagate.admin.common import local_time, table
 from quotagate.admin.reports import (
     STATUS_COLUMNS,
+    STORE_GROUPS,
     GroupBy,
-    aggregate,
     status_cells,
+    usage_rows,
 )
 from quotagate.admin.setup import initialise
 from quotagate.core.errors import InvalidInput, QuotaExceeded
@@ -149,17 +150,17 @@ async def _tour(engine: Engine, console: Console) -> None:
         console.print("[red]unexpected: the request was admitted[/red]")
 
     _step(console, "7. Usage from the ledger", "quotagate usage --by user")
-    events = await engine.store.events(EventQuery())
-    usage_rows = [
+    sums = await engine.store.usage(EventQuery(), STORE_GROUPS[GroupBy.user])
+    by_user = [
         (
-            r.key,
+            str(r.key),
             f"{r.requests:,}",
             f"{r.total_tokens:,}",
             format_amount(Metric.CREDITS, r.credits),
         )
-        for r in aggregate(events, GroupBy.user, tz)
+        for r in usage_rows(sums, GroupBy.user, tz)
     ]
-    console.print(table(None, ("user", ">requests", ">tokens", ">credits"), usage_rows))
+    console.print(table(None, ("user", ">requests", ">tokens", ">credits"), by_user))
 
     _step(console, "8. Counters always equal the ledger", "quotagate reconcile --check")
     diffs = await engine.reconcile(repair=False)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -13,7 +12,7 @@ from quotagate.admin.common import credits_number, iso_time, local_time, value_n
 from quotagate.core.limits import format_amount
 from quotagate.core.windows import zone
 from quotagate.engine import LimitStatus
-from quotagate.store.base import UsageEvent
+from quotagate.store.base import SLOT_SECONDS, UsageSum
 
 
 class GroupBy(StrEnum):
@@ -33,71 +32,45 @@ USAGE_FIELDS = (
 )
 
 
-@dataclass
-class UsageRow:
-    """Sums over the ledger rows of one user, model or day. `credits` in micro-credits."""
-
-    key: str
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    credits: int = 0
-    estimated: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def add(self, event: UsageEvent) -> None:
-        self.requests += 1
-        self.prompt_tokens += event.prompt_tokens
-        self.completion_tokens += event.completion_tokens
-        self.cached_tokens += event.cached_tokens
-        self.credits += event.credits
-        self.estimated += int(event.estimated)
-
-    def record(self, by: str) -> dict[str, Any]:
-        """The row for JSON: credits as a number of credits."""
-        return {
-            by: self.key,
-            "requests": self.requests,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_tokens": self.cached_tokens,
-            "total_tokens": self.total_tokens,
-            "credits": credits_number(self.credits),
-            "estimated": self.estimated,
-        }
+#: what the store groups by for each report: days are summed from quarter-hour slots
+STORE_GROUPS = {GroupBy.user: "user", GroupBy.model: "model", GroupBy.day: "slot"}
 
 
-def aggregate(events: Iterable[UsageEvent], by: GroupBy, tz: str = "UTC") -> list[UsageRow]:
-    """One row per user, model or calendar day (in `tz`, by when the request started)."""
+def usage_rows(sums: Iterable[UsageSum], by: GroupBy, tz: str = "UTC") -> list[UsageSum]:
+    """One row per user, model or calendar day (in `tz`, by when the request started),
+    sorted, from the store's sums grouped by ``STORE_GROUPS[by]``."""
+    if by is not GroupBy.day:
+        return sorted(sums, key=lambda row: str(row.key))
     local = zone(tz)
-    rows: dict[str, UsageRow] = {}
-    for event in events:
-        if by is GroupBy.user:
-            key = event.user_id
-        elif by is GroupBy.model:
-            key = event.model
-        else:
-            key = datetime.fromtimestamp(event.started_at, UTC).astimezone(local).date().isoformat()
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = UsageRow(key)
-        row.add(event)
-    return [rows[key] for key in sorted(rows)]
+    days: dict[str, UsageSum] = {}
+    for part in sums:
+        start = datetime.fromtimestamp(int(part.key) * SLOT_SECONDS, UTC)
+        day = start.astimezone(local).date().isoformat()
+        found = days.get(day)
+        if found is None:
+            found = days[day] = UsageSum(day)
+        found.add(part)
+    return [days[day] for day in sorted(days)]
 
 
-def total(rows: Sequence[UsageRow]) -> UsageRow:
-    result = UsageRow("total")
+def usage_record(row: UsageSum, by: GroupBy) -> dict[str, Any]:
+    """One row for JSON: credits as a number of credits."""
+    return {
+        by.value: row.key,
+        "requests": row.requests,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cached_tokens": row.cached_tokens,
+        "total_tokens": row.total_tokens,
+        "credits": credits_number(row.credits),
+        "estimated": row.estimated,
+    }
+
+
+def total(rows: Sequence[UsageSum]) -> UsageSum:
+    result = UsageSum("total")
     for row in rows:
-        result.requests += row.requests
-        result.prompt_tokens += row.prompt_tokens
-        result.completion_tokens += row.completion_tokens
-        result.cached_tokens += row.cached_tokens
-        result.credits += row.credits
-        result.estimated += row.estimated
+        result.add(row)
     return result
 
 

@@ -75,6 +75,38 @@ class EventQuery:
     limit: int | None = None
 
 
+#: the ledger columns a usage summary may group by; "slot" is the quarter hour a request
+#: started in (epoch seconds // SLOT_SECONDS): every timezone's offset is a whole number
+#: of quarter hours, so slots add up exactly into local days in any timezone
+USAGE_GROUPS = ("user", "model", "slot")
+SLOT_SECONDS = 900
+
+
+@dataclass
+class UsageSum:
+    """Sums over the ledger rows of one group. `credits` in micro-credits."""
+
+    key: str | int
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    credits: int = 0
+    estimated: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: UsageSum) -> None:
+        self.requests += other.requests
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
+        self.credits += other.credits
+        self.estimated += other.estimated
+
+
 class CounterStore(Protocol):
     url: str
 
@@ -117,11 +149,42 @@ class CounterStore(Protocol):
 
     async def events(self, query: EventQuery) -> list[UsageEvent]: ...
 
+    async def usage(self, query: EventQuery, by: str) -> list[UsageSum]:
+        """The ledger rows matching `query` summed per user, model or slot (see
+        USAGE_GROUPS), in no particular order; the store does the work, so a report on
+        millions of rows reads no rows into memory."""
+        ...
+
     async def reconcile(self, repair: bool) -> list[CounterDiff]:
         """Compare every counter with the ledger's charges and the pending reservations."""
         ...
 
     async def close(self) -> None: ...
+
+
+def usage_of(events: Sequence[UsageEvent], by: str) -> list[UsageSum]:
+    """:meth:`CounterStore.usage` over events in memory."""
+    sums: dict[str | int, UsageSum] = {}
+    for event in events:
+        key: str | int
+        if by == "user":
+            key = event.user_id
+        elif by == "model":
+            key = event.model
+        elif by == "slot":
+            key = int(event.started_at // SLOT_SECONDS)
+        else:
+            raise ValueError(f"usage is grouped by one of {USAGE_GROUPS}, not {by!r}")
+        found = sums.get(key)
+        if found is None:
+            found = sums[key] = UsageSum(key)
+        found.requests += 1
+        found.prompt_tokens += event.prompt_tokens
+        found.completion_tokens += event.completion_tokens
+        found.cached_tokens += event.cached_tokens
+        found.credits += event.credits
+        found.estimated += int(event.estimated)
+    return list(sums.values())
 
 
 def expected_counters(

@@ -14,8 +14,10 @@ from quotagate.store.base import (
     EventQuery,
     StoredTicket,
     UsageEvent,
+    UsageSum,
     diff_counters,
     expected_counters,
+    usage_of,
 )
 
 
@@ -104,6 +106,9 @@ class MemoryStore:
             and (query.until is None or e.started_at < query.until)
         ]
         return rows[: query.limit] if query.limit else rows
+
+    async def usage(self, query: EventQuery, by: str) -> list[UsageSum]:
+        return usage_of(await self.events(query), by)
 
     async def reconcile(self, repair: bool) -> list[CounterDiff]:
         actual = {k: (c[0], c[1]) for k, c in self._counters.items() if c != [0, 0]}

@@ -23,10 +23,13 @@ import orjson
 from quotagate.core.decisions import Decision, Hold, decide
 from quotagate.core.errors import StoreUnavailable
 from quotagate.store.base import (
+    SLOT_SECONDS,
+    USAGE_GROUPS,
     CounterDiff,
     EventQuery,
     StoredTicket,
     UsageEvent,
+    UsageSum,
     diff_counters,
     expected_counters,
 )
@@ -51,6 +54,11 @@ _INSERT_EVENT = (
 _INSERT_TICKET = (
     "INSERT INTO tickets (id, expires_at, held, max_output, payload) VALUES (?, ?, ?, ?, ?)"
 )
+_USAGE_GROUP_SQL = {
+    "user": "user_id",
+    "model": "model",
+    "slot": f"CAST(started_at / {SLOT_SECONDS} AS INTEGER)",
+}
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 CHECKPOINT_SECONDS = 1.0
 INLINE_CHECKPOINT_PAGES = 10_000  # SQLite's default: 1,000 pages (4 MB of WAL)
@@ -193,6 +201,19 @@ class SQLiteStore:
         with self._read() as conn:
             rows = conn.execute(sql, params).fetchall()
         return [_usage_event(row) for row in rows]
+
+    async def usage(self, query: EventQuery, by: str) -> list[UsageSum]:
+        group = _USAGE_GROUP_SQL.get(by)
+        if group is None:
+            raise ValueError(f"usage is grouped by one of {USAGE_GROUPS}, not {by!r}")
+        clauses, params = _where(query)
+        sql = (
+            f"SELECT {group}, count(*), sum(prompt_tokens), sum(completion_tokens), "
+            f"sum(cached_tokens), sum(credits), sum(estimated) "
+            f"FROM usage_events{clauses} GROUP BY 1"
+        )
+        with self._read() as conn:
+            return [UsageSum(*row) for row in conn.execute(sql, params)]
 
     async def reconcile(self, repair: bool) -> list[CounterDiff]:
         with self._write() as conn:
