@@ -41,6 +41,8 @@ from quotagate.store.catalog import Catalog
 log = logging.getLogger("quotagate.engine")
 
 LIFETIME = parse_window("lifetime")
+#: counters deleted per store call when pruning: each call is one short write transaction
+PRUNE_BATCH = 10_000
 #: how many (user, model, key, channel, pool) resolutions an engine keeps; beyond that it
 #: starts afresh, which costs one resolution per request until they are known again
 _SPECS_REMEMBERED = 50_000
@@ -576,6 +578,24 @@ class Engine:
             log.warning("ticket %s of %s expired: %s", ticket.id, ticket.user_id, event.status)
             events.append(event)
         return events
+
+    async def prune(self, now: datetime | None = None) -> int:
+        """Delete counters of windows that ended more than a lease ago; how many.
+
+        They can no longer refuse anything, and their usage stays in the ledger. A lease
+        of grace means every ticket reserved on them has been settled or swept by then
+        (a counter still holding a reservation is kept regardless).
+        """
+        horizon = _moment(now).timestamp() - self.settings.lease_seconds
+        pruned = 0
+        while True:
+            deleted = await self.store.prune(horizon, PRUNE_BATCH)
+            pruned += deleted
+            if deleted < PRUNE_BATCH:
+                break
+        if pruned:
+            log.info("pruned %d counters of windows that ended before %s", pruned, horizon)
+        return pruned
 
     async def status(self, user_id: str, *, now: datetime | None = None) -> list[LimitStatus]:
         """Every limit that binds the user: used, reserved, left and when it resets."""

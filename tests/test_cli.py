@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -637,6 +637,26 @@ def test_sweep_settles_expired_tickets(db: Path) -> None:
     usage = as_json(db, "usage", "--user", "dave", "-f", "json")
     assert [(r["total_tokens"], r["estimated"]) for r in usage] == [(100, 1)]
     assert "no expired tickets" in ok(db, "sweep").stdout
+
+
+def test_sweep_prunes_counters_of_ended_windows(db: Path) -> None:
+    async def last_week() -> None:
+        engine = engine_on(db)
+        moment = datetime.now(UTC) - timedelta(days=7)
+        try:
+            context = AdmitContext(user="erin", model="gpt-4o", prompt_tokens=40, max_tokens=60)
+            ticket = await engine.admit(context, now=moment)
+            await engine.settle(ticket, {"prompt_tokens": 40, "completion_tokens": 60}, now=moment)
+        finally:
+            await engine.close()
+
+    asyncio.run(last_week())
+    result = ok(db, "sweep")
+    assert "pruned 1 counters of ended windows" in result.stdout  # erin's daily allowance
+    assert "pruned" not in ok(db, "sweep").stdout
+    ok(db, "reconcile", "--check")
+    usage = as_json(db, "usage", "--user", "erin", "-f", "json")
+    assert [r["total_tokens"] for r in usage] == [100]
 
 
 # -- demo, help, the console script --------------------------------------------------------

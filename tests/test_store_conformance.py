@@ -459,3 +459,55 @@ async def test_reconcile_finds_and_repairs_a_corrupted_counter(
     await store.commit("b", event("b", [("k", 250)]))
     assert await state(store, "k") == (370, 0)
     assert await store.reconcile(repair=False) == []
+
+
+# -- pruning -----------------------------------------------------------------------------
+
+# day buckets of 1970-01-02 (ends at 172,800) and 1970-01-03 (ends at 259,200)
+ALICE_DAY1 = "a|tokens|alice|day@0@UTC|86400"
+BOB_DAY1 = "a|tokens|bob|day@0@UTC|86400"
+ALICE_DAY2 = "a|tokens|alice|day@0@UTC|172800"
+
+
+def day_hold(key: str) -> Hold:
+    return Hold(key, (key,), 1000, 0, 1, int(key.rsplit("|", 1)[1]) + 86400)
+
+
+async def test_prune_deletes_ended_counters_that_hold_nothing(
+    store: CounterStore, backend: Any
+) -> None:
+    for ticket, key, used in (("d1", ALICE_DAY1, 60), ("d2", ALICE_DAY2, 70)):
+        await reserve(store, ticket, [day_hold(key)], 100)
+        await store.commit(ticket, event(ticket, [(key, used)]))
+    await reserve(store, "pending", [day_hold(BOB_DAY1)], 100)  # never settled yet
+
+    assert await store.prune(200_000.0) == 1  # day 1 ended at 172,800; day 2 has not
+    assert await store.counters([ALICE_DAY1, BOB_DAY1, ALICE_DAY2]) == {
+        BOB_DAY1: (0, 100),  # still held by a ticket: kept
+        ALICE_DAY2: (70, 0),
+    }
+    assert len(await store.events(EventQuery())) == 2  # the ledger keeps everything
+    assert await store.reconcile(repair=False) == []
+    assert await store.prune(200_000.0) == 0
+
+    # reconcile still checks what is live, and repairing never brings pruned rows back
+    backend.corrupt(store, ALICE_DAY2, 1, 0)
+    assert [d.key for d in await store.reconcile(repair=True)] == [ALICE_DAY2]
+    assert await store.counters([ALICE_DAY1, ALICE_DAY2]) == {ALICE_DAY2: (70, 0)}
+
+    # the pending ticket still settles onto its (kept) counter
+    await store.commit("pending", event("pending", [(BOB_DAY1, 80)]))
+    assert await state(store, BOB_DAY1) == (80, 0)
+    assert await store.prune(200_000.0) == 1
+    assert await store.reconcile(repair=False) == []
+
+
+async def test_prune_takes_at_most_its_limit(store: CounterStore) -> None:
+    keys = [f"a|tokens|u{n}|day@0@UTC|86400" for n in range(5)]
+    for n, key in enumerate(keys):
+        await reserve(store, f"t{n}", [day_hold(key)], 10)
+        await store.commit(f"t{n}", event(f"t{n}", [(key, 5)]))
+    assert await store.prune(200_000.0, limit=3) == 3
+    assert await store.prune(200_000.0, limit=3) == 2
+    assert await store.counters(keys) == {}
+    assert await store.reconcile(repair=False) == []

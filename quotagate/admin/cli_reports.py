@@ -174,10 +174,14 @@ def reconcile(
 
 
 def sweep(ctx: typer.Context) -> None:
-    """Settle tickets whose lease ran out (charged or released, as configured)."""
+    """Settle tickets whose lease ran out (charged or released, as configured), then delete
+    the counters of windows that ended (their usage stays in the ledger)."""
     tz = state(ctx).settings().timezone
     with opened(ctx) as engine:
         events = asyncio.run(engine.sweep())
+        pruned = asyncio.run(engine.prune())
+    if pruned:
+        done(f"pruned {pruned:,} counters of ended windows")
     if not events:
         done("no expired tickets")
         return

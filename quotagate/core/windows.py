@@ -222,6 +222,35 @@ def _format_seconds(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def counter_expires_at(key: str) -> int | None:
+    """When the bucket a counter key names stops counting against anything: the epoch
+    second :meth:`Window.expires_at` gives for it. None for lifetime counters, and for a
+    key that is not of the form ``…|<window key>|<bucket start>``.
+    """
+    parts = key.rsplit("|", 2)
+    if len(parts) != 3 or not parts[2].isdigit():
+        return None
+    window = _window_of_key(parts[1])
+    return None if window is None else window.expires_at(int(parts[2]))
+
+
+@lru_cache(maxsize=1024)
+def _window_of_key(text: str) -> Window | None:
+    """The window whose :attr:`Window.key` is `text`, or None if no window has that key."""
+    kind, _, rest = text.partition("@")
+    try:
+        if kind in ("day", "week", "month"):
+            hour, _, tz = rest.partition("@")
+            window = parse_window(kind, tz, int(hour))
+        elif kind in ("minute", "hour"):
+            window = parse_window(kind, rest)
+        else:
+            window = parse_window(text)
+    except (InvalidInput, ValueError):
+        return None
+    return window if window.key == text else None
+
+
 def parse_window(spec: str, tz: str = "UTC", reset_hour: int = 0) -> Window:
     """Parse `minute|hour|day|week|month|lifetime|rolling:<n><s|m|h|d|w>`.
 

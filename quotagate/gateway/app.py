@@ -4,7 +4,8 @@
 :class:`~quotagate.gateway.proxy.Proxy`; ``GET /v1/models`` lists what the caller's key
 may use; ``/healthz`` (the process answers), ``/readyz`` (the database answers) and
 ``/metrics`` (Prometheus) serve operators. Background work — noticing catalog changes
-(keys revoked, channels added) and sweeping expired tickets — runs in one task.
+(keys revoked, channels added), sweeping expired tickets and pruning the counters of
+ended windows — runs in one task.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Gateway:
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.settings.sweep_seconds
                     await self.engine.sweep(self.clock())
+                    await self.engine.prune(self.clock())
             except Exception:
                 log.exception("gateway maintenance failed; retrying")
 

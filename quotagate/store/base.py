@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from quotagate.core.decisions import Decision, Hold
+from quotagate.core.windows import counter_expires_at
 
 
 @dataclass
@@ -156,7 +157,14 @@ class CounterStore(Protocol):
         ...
 
     async def reconcile(self, repair: bool) -> list[CounterDiff]:
-        """Compare every counter with the ledger's charges and the pending reservations."""
+        """Compare every counter with the ledger's charges and the pending reservations
+        (but those of windows that ended before the last prune's horizon)."""
+        ...
+
+    async def prune(self, before: float, limit: int = 10_000) -> int:
+        """Delete up to `limit` counters whose window ended before `before` and that hold no
+        reservation; how many. Their usage stays in the ledger, and `reconcile` no longer
+        compares counters of windows that ended before the latest such horizon."""
         ...
 
     async def close(self) -> None: ...
@@ -202,10 +210,18 @@ def expected_counters(
 
 
 def diff_counters(
-    actual: dict[str, tuple[int, int]], expected: dict[str, tuple[int, int]]
+    actual: dict[str, tuple[int, int]],
+    expected: dict[str, tuple[int, int]],
+    pruned_before: float | None = None,
 ) -> list[CounterDiff]:
+    """The counters that differ from what the ledger says, leaving out those of windows
+    that ended before `pruned_before` (they may have been pruned)."""
     diffs = []
     for key in sorted(actual.keys() | expected.keys()):
+        if pruned_before is not None:
+            ends = counter_expires_at(key)
+            if ends is not None and ends < pruned_before:
+                continue
         used, reserved = actual.get(key, (0, 0))
         want_used, want_reserved = expected.get(key, (0, 0))
         if (used, reserved) != (want_used, want_reserved):

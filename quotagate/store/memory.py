@@ -27,6 +27,8 @@ class MemoryStore:
         self._counters: dict[str, list[int]] = {}
         self._tickets: dict[str, StoredTicket] = {}
         self._events: dict[str, UsageEvent] = {}
+        self._expiry: dict[str, float | None] = {}  # when each counter's window ends
+        self._pruned_before: float | None = None
 
     def _state(self, keys: Sequence[str]) -> tuple[int, int]:
         used = reserved = 0
@@ -54,8 +56,9 @@ class MemoryStore:
         decision = decide(holds, states, want_output, strict=strict, min_output=min_output)
         if decision.admitted:
             held = tuple((hold.key, amount) for hold, amount in zip(holds, decision.amounts))
-            for key, amount in held:
+            for hold, (key, amount) in zip(holds, held):
                 self._counters.setdefault(key, [0, 0])[1] += amount
+                self._expiry.setdefault(key, hold.expires_at)
             self._tickets[ticket_id] = StoredTicket(
                 ticket_id, expires_at, held, decision.max_output, payload
             )
@@ -113,11 +116,22 @@ class MemoryStore:
     async def reconcile(self, repair: bool) -> list[CounterDiff]:
         actual = {k: (c[0], c[1]) for k, c in self._counters.items() if c != [0, 0]}
         expected = expected_counters(list(self._events.values()), list(self._tickets.values()))
-        diffs = diff_counters(actual, expected)
+        diffs = diff_counters(actual, expected, self._pruned_before)
         if repair:
             for diff in diffs:
                 self._counters[diff.key] = [diff.expected_used, diff.expected_reserved]
         return diffs
+
+    async def prune(self, before: float, limit: int = 10_000) -> int:
+        due = [
+            key
+            for key, ends in self._expiry.items()
+            if ends is not None and ends < before and not self._counters[key][1]
+        ][:limit]
+        for key in due:
+            del self._counters[key], self._expiry[key]
+        self._pruned_before = max(before, self._pruned_before or before)
+        return len(due)
 
     async def close(self) -> None:
         return None

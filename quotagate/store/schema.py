@@ -148,6 +148,7 @@ counters = Table(
     Column("used", BigInteger, nullable=False, server_default="0"),
     Column("reserved", BigInteger, nullable=False, server_default="0"),
     Column("expires_at", Float),
+    Index("ix_counters_expires_at", "expires_at"),  # pruning finds ended windows by it
 )
 
 tickets = Table(

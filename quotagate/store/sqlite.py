@@ -59,6 +59,7 @@ _USAGE_GROUP_SQL = {
     "model": "model",
     "slot": f"CAST(started_at / {SLOT_SECONDS} AS INTEGER)",
 }
+_PRUNED_BEFORE = "counters_pruned_before"  # meta row: the latest prune's horizon
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 CHECKPOINT_SECONDS = 1.0
 INLINE_CHECKPOINT_PAGES = 10_000  # SQLite's default: 1,000 pages (4 MB of WAL)
@@ -233,7 +234,7 @@ class SQLiteStore:
                     "SELECT id, expires_at, held, max_output, payload FROM tickets"
                 )
             ]
-            diffs = diff_counters(actual, expected_counters(events, tickets))
+            diffs = diff_counters(actual, expected_counters(events, tickets), _pruned_before(conn))
             if repair:
                 conn.executemany(
                     "INSERT INTO counters (key, used, reserved) VALUES (?, ?, ?) "
@@ -242,6 +243,20 @@ class SQLiteStore:
                     [(d.key, d.expected_used, d.expected_reserved) for d in diffs],
                 )
         return diffs
+
+    async def prune(self, before: float, limit: int = 10_000) -> int:
+        with self._write() as conn:
+            deleted = conn.execute(
+                "DELETE FROM counters WHERE key IN (SELECT key FROM counters "
+                "WHERE expires_at < ? AND reserved = 0 LIMIT ?)",
+                (before, limit),
+            ).rowcount
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = max(CAST(value AS REAL), CAST(excluded.value AS REAL))",
+                (_PRUNED_BEFORE, repr(float(before))),
+            )
+        return deleted
 
     async def close(self) -> None:
         self._writes.flush()
@@ -431,6 +446,11 @@ def _take_ticket(conn: sqlite3.Connection, ticket_id: str) -> str | None:
         if row is not None:
             conn.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
     return None if row is None else str(row[0])
+
+
+def _pruned_before(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_PRUNED_BEFORE,)).fetchone()
+    return None if row is None else float(row[0])
 
 
 def _dumps(value: object) -> str:
