@@ -68,42 +68,43 @@ async def test_concurrent_requests_share_transactions_and_never_overspend(engine
     assert len(begun) * 4 <= writes, f"{len(begun)} transactions for {writes} writes"
 
 
+async def cancel_admit(engine: Engine, turns: int) -> list[object]:
+    """Start an admit, let the loop run `turns` turns, cancel it, let whatever the
+    cancellation set off finish; the tickets pending just before the cancellation."""
+    context = AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=100)
+    task = asyncio.create_task(engine.admit(context, now=NOW))
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    pending: list[object] = list(await engine.store.expired(float("inf")))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return pending
+
+
+async def nothing_held_or_used(engine: Engine) -> None:
+    assert await engine.store.expired(float("inf")) == []
+    statuses = await engine.status("alice", now=NOW)
+    assert statuses and all((s.used, s.reserved) == (0, 0) for s in statuses)
+    assert await engine.reconcile(repair=False) == []
+
+
 async def test_a_caller_cancelled_after_its_reservation_gets_it_released(engine: Engine) -> None:
     """The batch reserved, then the caller was cancelled before it could take the ticket:
     nobody holds that ticket, so the engine releases it instead of leaving it to the
     lease (which would charge the user for a request never made)."""
-    store = engine.store
-    assert isinstance(store, SQLiteStore)
-    context = AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=100)
-    task = asyncio.create_task(engine.admit(context, now=NOW))
-    await asyncio.sleep(0)  # the admit submits its reservation
-    await asyncio.sleep(0)  # the batch runs; the task has yet to resume
-    assert len(await store.expired(float("inf"))) == 1, "the reservation was not made yet"
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert await store.expired(float("inf")) == []
-    statuses = await engine.status("alice", now=NOW)
-    assert all((s.used, s.reserved) == (0, 0) for s in statuses)
-    assert await engine.reconcile(repair=False) == []
+    # turn 1: the admit submits its reservation; turn 2: the batch runs, the task waits
+    pending = await cancel_admit(engine, turns=2)
+    assert len(pending) == 1, "the reservation was not made before the cancellation"
+    await nothing_held_or_used(engine)
 
 
 async def test_a_caller_cancelled_before_its_batch_ran_reserves_nothing(engine: Engine) -> None:
-    store = engine.store
-    assert isinstance(store, SQLiteStore)
-    context = AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=100)
-    task = asyncio.create_task(engine.admit(context, now=NOW))
-    await asyncio.sleep(0)  # the admit submits its reservation; the batch has not run
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert await store.expired(float("inf")) == []
-    statuses = await engine.status("alice", now=NOW)
-    assert all((s.used, s.reserved) == (0, 0) for s in statuses)
+    pending = await cancel_admit(engine, turns=1)  # submitted, but the batch has not run
+    assert pending == []
+    await nothing_held_or_used(engine)
 
 
 async def test_a_locked_database_fails_every_write_of_the_batch_cleanly(

@@ -170,8 +170,14 @@ class CounterStore(Protocol):
     async def close(self) -> None: ...
 
 
+def check_usage_group(by: str) -> None:
+    if by not in USAGE_GROUPS:
+        raise ValueError(f"usage is grouped by one of {USAGE_GROUPS}, not {by!r}")
+
+
 def usage_of(events: Sequence[UsageEvent], by: str) -> list[UsageSum]:
     """:meth:`CounterStore.usage` over events in memory."""
+    check_usage_group(by)
     sums: dict[str | int, UsageSum] = {}
     for event in events:
         key: str | int
@@ -179,10 +185,8 @@ def usage_of(events: Sequence[UsageEvent], by: str) -> list[UsageSum]:
             key = event.user_id
         elif by == "model":
             key = event.model
-        elif by == "slot":
-            key = int(event.started_at // SLOT_SECONDS)
         else:
-            raise ValueError(f"usage is grouped by one of {USAGE_GROUPS}, not {by!r}")
+            key = int(event.started_at // SLOT_SECONDS)
         found = sums.get(key)
         if found is None:
             found = sums[key] = UsageSum(key)

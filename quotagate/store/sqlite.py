@@ -24,12 +24,12 @@ from quotagate.core.decisions import Decision, Hold, decide
 from quotagate.core.errors import StoreUnavailable
 from quotagate.store.base import (
     SLOT_SECONDS,
-    USAGE_GROUPS,
     CounterDiff,
     EventQuery,
     StoredTicket,
     UsageEvent,
     UsageSum,
+    check_usage_group,
     diff_counters,
     expected_counters,
 )
@@ -204,12 +204,10 @@ class SQLiteStore:
         return [_usage_event(row) for row in rows]
 
     async def usage(self, query: EventQuery, by: str) -> list[UsageSum]:
-        group = _USAGE_GROUP_SQL.get(by)
-        if group is None:
-            raise ValueError(f"usage is grouped by one of {USAGE_GROUPS}, not {by!r}")
+        check_usage_group(by)
         clauses, params = _where(query)
         sql = (
-            f"SELECT {group}, count(*), sum(prompt_tokens), sum(completion_tokens), "
+            f"SELECT {_USAGE_GROUP_SQL[by]}, count(*), sum(prompt_tokens), sum(completion_tokens), "
             f"sum(cached_tokens), sum(credits), sum(estimated) "
             f"FROM usage_events{clauses} GROUP BY 1"
         )
