@@ -48,8 +48,8 @@ _UPSERT = (
     "reserved = reserved + excluded.reserved"
 )
 _INSERT_EVENT = (
-    f"INSERT INTO usage_events ({_EVENT_COLUMNS}) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO usage_events ({_EVENT_COLUMNS.removeprefix('id, ')}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_TICKET = (
     "INSERT INTO tickets (id, expires_at, held, max_output, payload) VALUES (?, ?, ?, ?, ?)"
@@ -290,11 +290,9 @@ _Write = _Reserve | _Commit | _Release
 
 
 class _Batch:
-    """The writes of one transaction, applied in order, each against the counters and
-    tickets as the writes before it left them. The SQL is made per batch, not per write:
-    one read of the counters, one delete of the tickets settled or released, and at the
-    end one upsert per counter (changes summed per key) and the new tickets and ledger
-    rows, each statement run over all its rows at once."""
+    """The writes of one transaction, applied in order against the counters as the
+    earlier writes of the batch left them; counter changes are summed per key and
+    written once at the end, so requests that share a counter share its upsert."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -302,37 +300,17 @@ class _Batch:
         self.counters: dict[str, list[int]] = {}
         #: key → [used change, reserved change, expires_at]
         self.changes: dict[str, list[Any]] = {}
-        #: pending tickets that the batch's commits and releases took out: id → held (JSON)
-        self.taken: dict[str, str] = {}
-        self.taken_ids: set[str] = set()
-        #: tickets reserved by this batch: id → row of `tickets`
-        self.tickets: dict[str, tuple[str, float, str, int, str]] = {}
-        #: ledger rows written by this batch, by ticket id
-        self.events: dict[str, UsageEvent] = {}
 
     def apply(self, writes: Sequence[_Write]) -> list[object]:
         read = [k for w in writes if isinstance(w, _Reserve) for h in w.holds for k in h.read_keys]
         self.counters = {key: [0, 0] for key in read}
         for key, (used, reserved) in _states(self.conn, read).items():
             self.counters[key] = [used, reserved]
-        self.taken = _take_tickets(
-            self.conn, [w.ticket_id for w in writes if not isinstance(w, _Reserve)]
-        )
-        self.taken_ids = set(self.taken)
         outcomes = [self._one(write) for write in writes]
         if self.changes:
             self.conn.executemany(
                 _UPSERT, [(key, u, r, exp) for key, (u, r, exp) in self.changes.items()]
             )
-        if self.tickets:
-            self.conn.executemany(_INSERT_TICKET, self.tickets.values())
-        if self.events:
-            # The batch gives the ids itself, so it knows them without a statement per
-            # row: it holds the write lock, so the ids after the largest are free.
-            (last,) = self.conn.execute("SELECT coalesce(max(id), 0) FROM usage_events").fetchone()
-            for number, event in enumerate(self.events.values(), last + 1):
-                event.id = number
-            self.conn.executemany(_INSERT_EVENT, [_event_row(e) for e in self.events.values()])
         return outcomes
 
     def _one(self, write: _Write) -> object:
@@ -346,18 +324,14 @@ class _Batch:
                 self._change(key, 0, -amount)
             return True
         if held is None:
-            return self.events.get(write.ticket_id) or _event(self.conn, write.ticket_id)
+            return _event(self.conn, write.ticket_id)
         for key, amount in held:
             self._change(key, 0, -amount)
         for key, amount in write.event.charges:
             self._change(key, amount, 0)
-        self.events[write.ticket_id] = write.event
-        return write.event
+        return _insert_event(self.conn, write.event)
 
     def _reserve(self, write: _Reserve) -> Decision:
-        if write.ticket_id in self.tickets or write.ticket_id in self.taken_ids:
-            # pending already (a row still in `tickets` is refused by its key at the end)
-            raise sqlite3.IntegrityError(f"ticket {write.ticket_id} exists already")
         states = [self._sum(hold.read_keys) for hold in write.holds]
         decision = decide(
             write.holds,
@@ -370,12 +344,15 @@ class _Batch:
             held = [[h.key, a] for h, a in zip(write.holds, decision.amounts)]
             for hold, amount in zip(write.holds, decision.amounts):
                 self._change(hold.key, 0, amount, hold.expires_at)
-            self.tickets[write.ticket_id] = (
-                write.ticket_id,
-                write.expires_at,
-                _dumps(held),
-                decision.max_output,
-                write.payload,
+            self.conn.execute(
+                _INSERT_TICKET,
+                (
+                    write.ticket_id,
+                    write.expires_at,
+                    _dumps(held),
+                    decision.max_output,
+                    write.payload,
+                ),
             )
         return decision
 
@@ -402,34 +379,36 @@ class _Batch:
             state[1] += reserved
 
     def _take(self, ticket_id: str) -> list[tuple[str, int]] | None:
-        """Take a pending ticket out; what it held, or None if it is not pending (never
-        reserved, or already taken by an earlier write)."""
-        row = self.tickets.pop(ticket_id, None)
-        held = row[2] if row is not None else self.taken.pop(ticket_id, None)
+        """Take a pending ticket out; what it held, or None if it is not pending."""
+        held = _take_ticket(self.conn, ticket_id)
         return None if held is None else [(key, amount) for key, amount in orjson.loads(held)]
 
 
-def _event_row(event: UsageEvent) -> tuple[object, ...]:
-    return (
-        event.id,
-        event.ticket_id,
-        event.user_id,
-        event.key_id,
-        event.model,
-        event.channel,
-        event.pool,
-        event.source,
-        event.status,
-        event.estimated,
-        event.started_at,
-        event.settled_at,
-        event.prompt_tokens,
-        event.completion_tokens,
-        event.cached_tokens,
-        event.credits,
-        event.excess,
-        _dumps(event.charges),
+def _insert_event(conn: sqlite3.Connection, event: UsageEvent) -> UsageEvent:
+    cursor = conn.execute(
+        _INSERT_EVENT,
+        (
+            event.ticket_id,
+            event.user_id,
+            event.key_id,
+            event.model,
+            event.channel,
+            event.pool,
+            event.source,
+            event.status,
+            event.estimated,
+            event.started_at,
+            event.settled_at,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cached_tokens,
+            event.credits,
+            event.excess,
+            _dumps(event.charges),
+        ),
     )
+    event.id = cursor.lastrowid
+    return event
 
 
 def _event(conn: sqlite3.Connection, ticket_id: str) -> UsageEvent | None:
@@ -453,24 +432,18 @@ def _states(conn: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[in
     return found
 
 
-def _take_tickets(conn: sqlite3.Connection, ticket_ids: Sequence[str]) -> dict[str, str]:
-    """Delete the pending tickets among `ticket_ids`; what each held (its JSON), by id.
-    One statement where SQLite has RETURNING (3.35+): a settle is on every request's path."""
-    taken: dict[str, str] = {}
-    unique = list(dict.fromkeys(ticket_ids))
-    for start in range(0, len(unique), 500):
-        chunk = unique[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        if _HAS_RETURNING:
-            rows = conn.execute(
-                f"DELETE FROM tickets WHERE id IN ({marks}) RETURNING id, held", chunk
-            ).fetchall()
-        else:
-            select = f"SELECT id, held FROM tickets WHERE id IN ({marks})"
-            rows = conn.execute(select, chunk).fetchall()
-            conn.execute(f"DELETE FROM tickets WHERE id IN ({marks})", chunk)
-        taken.update((ticket_id, str(held)) for ticket_id, held in rows)
-    return taken
+def _take_ticket(conn: sqlite3.Connection, ticket_id: str) -> str | None:
+    """Deletes a ticket and returns what it held (its JSON), or None if it is gone. One
+    statement where SQLite has RETURNING (3.35+): a settle is on every request's path."""
+    if _HAS_RETURNING:
+        rows = conn.execute("DELETE FROM tickets WHERE id = ? RETURNING held", (ticket_id,))
+        row = rows.fetchone()
+        rows.fetchall()  # step the statement to its end, so it is finished before COMMIT
+    else:
+        row = conn.execute("SELECT held FROM tickets WHERE id = ?", (ticket_id,)).fetchone()
+        if row is not None:
+            conn.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
+    return None if row is None else str(row[0])
 
 
 def _pruned_before(conn: sqlite3.Connection) -> float | None:
