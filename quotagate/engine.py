@@ -397,20 +397,21 @@ class Engine:
                 raise InvalidInput(f"user {user.id!r} may not draw from pool {pool.name!r}")
             specs = [self._limit_spec(lim, user) for lim in policy.scoped(Scope.POOL, pool.name)]
             return [_Option(f"pool:{pool.name}", specs)]
-        allowance = _Option(
-            "allowance",
-            [
-                _Spec(
-                    f"a|{a.metric.value}|{user.id}",
-                    a.metric,
-                    a.window,
-                    a.amount,
-                    f"{a.label} allowance",
-                )
-                for a in policy.allowances(user)
-            ],
-        )
-        return [allowance]
+        return [_Option("allowance", self._allowance_specs(policy, user))]
+
+    @staticmethod
+    def _allowance_specs(policy: Policy, user: User) -> list[_Spec]:
+        """The user's allowances: one combined counter per metric and window."""
+        return [
+            _Spec(
+                f"a|{a.metric.value}|{user.id}",
+                a.metric,
+                a.window,
+                a.amount,
+                f"{a.label} allowance",
+            )
+            for a in policy.allowances(user)
+        ]
 
     @staticmethod
     def _wallet_spec(user: User, funded: int) -> _Spec:
@@ -602,16 +603,7 @@ class Engine:
         at = _moment(now)
         policy = self.policy()
         user = self.catalog.user(user_id) or User(user_id)
-        specs = [
-            _Spec(
-                f"a|{a.metric.value}|{user.id}",
-                a.metric,
-                a.window,
-                a.amount,
-                f"{a.label} allowance",
-            )
-            for a in policy.allowances(user)
-        ]
+        specs = self._allowance_specs(policy, user)
         specs += [
             self._limit_spec(limit, user)
             for limit in policy.limits
