@@ -9,7 +9,7 @@ sets counters to given values. Everything else reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -170,6 +170,18 @@ class CounterStore(Protocol):
     async def close(self) -> None: ...
 
 
+def summed(counters: Mapping[str, Sequence[int]], keys: Sequence[str]) -> tuple[int, int]:
+    """(used, reserved) summed over `keys` of a key → [used, reserved] mapping; keys never
+    written count as zero. What a store hands :func:`~quotagate.core.decisions.decide`."""
+    used = reserved = 0
+    for key in keys:
+        state = counters.get(key)
+        if state is not None:
+            used += state[0]
+            reserved += state[1]
+    return used, reserved
+
+
 def check_usage_group(by: str) -> None:
     if by not in USAGE_GROUPS:
         raise ValueError(f"usage is grouped by one of {USAGE_GROUPS}, not {by!r}")
@@ -190,12 +202,17 @@ def usage_of(events: Sequence[UsageEvent], by: str) -> list[UsageSum]:
         found = sums.get(key)
         if found is None:
             found = sums[key] = UsageSum(key)
-        found.requests += 1
-        found.prompt_tokens += event.prompt_tokens
-        found.completion_tokens += event.completion_tokens
-        found.cached_tokens += event.cached_tokens
-        found.credits += event.credits
-        found.estimated += int(event.estimated)
+        found.add(
+            UsageSum(
+                key,
+                1,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.cached_tokens,
+                event.credits,
+                int(event.estimated),
+            )
+        )
     return list(sums.values())
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from quotagate.core.decisions import Decision, Hold, decide
+from quotagate.core.windows import counter_expires_at
 from quotagate.store.base import (
     CounterDiff,
     EventQuery,
@@ -17,6 +18,7 @@ from quotagate.store.base import (
     UsageSum,
     diff_counters,
     expected_counters,
+    summed,
     usage_of,
 )
 
@@ -27,17 +29,7 @@ class MemoryStore:
         self._counters: dict[str, list[int]] = {}
         self._tickets: dict[str, StoredTicket] = {}
         self._events: dict[str, UsageEvent] = {}
-        self._expiry: dict[str, float | None] = {}  # when each counter's window ends
         self._pruned_before: float | None = None
-
-    def _state(self, keys: Sequence[str]) -> tuple[int, int]:
-        used = reserved = 0
-        for key in keys:
-            counter = self._counters.get(key)
-            if counter:
-                used += counter[0]
-                reserved += counter[1]
-        return used, reserved
 
     async def reserve(
         self,
@@ -52,13 +44,12 @@ class MemoryStore:
     ) -> Decision:
         if ticket_id in self._tickets or ticket_id in self._events:
             raise ValueError(f"ticket {ticket_id} exists already")
-        states = [self._state(hold.read_keys) for hold in holds]
+        states = [summed(self._counters, hold.read_keys) for hold in holds]
         decision = decide(holds, states, want_output, strict=strict, min_output=min_output)
         if decision.admitted:
             held = tuple((hold.key, amount) for hold, amount in zip(holds, decision.amounts))
-            for hold, (key, amount) in zip(holds, held):
+            for key, amount in held:
                 self._counters.setdefault(key, [0, 0])[1] += amount
-                self._expiry.setdefault(key, hold.expires_at)
             self._tickets[ticket_id] = StoredTicket(
                 ticket_id, expires_at, held, decision.max_output, payload
             )
@@ -125,11 +116,11 @@ class MemoryStore:
     async def prune(self, before: float, limit: int = 10_000) -> int:
         due = [
             key
-            for key, ends in self._expiry.items()
-            if ends is not None and ends < before and not self._counters[key][1]
+            for key, (_, reserved) in self._counters.items()
+            if not reserved and (ends := counter_expires_at(key)) is not None and ends < before
         ][:limit]
         for key in due:
-            del self._counters[key], self._expiry[key]
+            del self._counters[key]
         self._pruned_before = max(before, self._pruned_before or before)
         return len(due)
 

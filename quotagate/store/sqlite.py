@@ -32,6 +32,7 @@ from quotagate.store.base import (
     check_usage_group,
     diff_counters,
     expected_counters,
+    summed,
 )
 from quotagate.store.group_commit import GroupCommit
 
@@ -332,7 +333,7 @@ class _Batch:
         return _insert_event(self.conn, write.event)
 
     def _reserve(self, write: _Reserve) -> Decision:
-        states = [self._sum(hold.read_keys) for hold in write.holds]
+        states = [summed(self.counters, hold.read_keys) for hold in write.holds]
         decision = decide(
             write.holds,
             states,
@@ -355,14 +356,6 @@ class _Batch:
                 ),
             )
         return decision
-
-    def _sum(self, keys: Sequence[str]) -> tuple[int, int]:
-        used = reserved = 0
-        for key in keys:
-            state = self.counters[key]
-            used += state[0]
-            reserved += state[1]
-        return used, reserved
 
     def _change(self, key: str, used: int, reserved: int, expires_at: float | None = None) -> None:
         change = self.changes.get(key)
