@@ -3,7 +3,8 @@
 `admit` resolves every limit that applies to a request, turns each into a
 :class:`~quotagate.core.decisions.Hold` and asks the store to reserve them all in one
 atomic step. `settle` replaces the reservation by the usage the model reported and writes
-exactly one ledger row; `cancel` releases it; `sweep` settles tickets whose lease ran out.
+exactly one ledger row; `cancel` releases it; `sweep` settles tickets whose lease ran out,
+and `renew` (through :attr:`Engine.leases`) keeps the leases of running requests alive.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -35,6 +36,7 @@ from quotagate.core.policy import Policy, User
 from quotagate.core.pricing import Price, Usage, price_from_record, price_to_record
 from quotagate.core.tokens import TokenCounter
 from quotagate.core.windows import Window, parse_window
+from quotagate.leases import LeaseKeeper
 from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent
 from quotagate.store.catalog import Catalog
 
@@ -186,6 +188,8 @@ class Engine:
         self._prices = _PriceRecords()
         self._specs: dict[tuple[Any, ...], tuple[list[_Spec], list[_Option]]] = {}
         self._releasing: set[asyncio.Future[bool]] = set()
+        #: tickets of requests running in this process, renewed until settled or cancelled
+        self.leases = LeaseKeeper(self)
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Engine:
@@ -474,16 +478,19 @@ class Engine:
         real = parse_usage(usage)
         loaded = await self._load(ticket)
         if isinstance(loaded, UsageEvent):
+            self.leases.drop(loaded.ticket_id)
             return _late(loaded, real)
         event = await self._commit(
             loaded, real, _moment(now), status="settled", estimated=estimated
         )
+        self.leases.drop(loaded.id)
         return _late(event, real) if event.status != "settled" else event
 
     async def cancel(self, ticket: Ticket | str) -> bool:
         """Release the reservation; nothing is charged. False if it was not pending."""
         ticket_id = ticket if isinstance(ticket, str) else ticket.id
         released = await self.store.release(ticket_id)
+        self.leases.drop(ticket_id)
         if released:
             log.debug("cancelled %s", ticket_id)
         return released
@@ -557,6 +564,17 @@ class Engine:
         return stored
 
     # -- leases, status, repair ------------------------------------------------------
+    async def renew(
+        self, tickets: Iterable[Ticket | str], *, now: datetime | None = None
+    ) -> set[str]:
+        """Extend the lease of each ticket still pending to a full lease from `now`, in one
+        store write; the ids that were pending. :attr:`leases` calls it for the tickets of
+        the requests running in this process, so only a dead process's tickets expire."""
+        ids = [t if isinstance(t, str) else t.id for t in tickets]
+        if not ids:
+            return set()
+        return await self.store.renew(ids, _moment(now).timestamp() + self.settings.lease_seconds)
+
     async def sweep(self, now: datetime | None = None) -> list[UsageEvent]:
         """Settle every ticket whose lease ran out: charged at its reservation, or released
         (by configuration); either way a ledger row flagged `estimated` says so."""
@@ -652,6 +670,7 @@ class Engine:
         return diffs
 
     async def close(self) -> None:
+        await self.leases.stop()
         await self.store.close()
         self.catalog.db.dispose()
 
@@ -742,6 +761,7 @@ def _late(event: UsageEvent, usage: Usage) -> UsageEvent:
 
 def _restore(stored: StoredTicket) -> Ticket:
     ticket = Ticket.model_validate_json(stored.payload)
+    ticket.expires_at = stored.expires_at  # the payload has the first lease, not a renewed one
     return ticket.filled(stored.max_output, [amount for _, amount in stored.held])
 
 

@@ -311,6 +311,45 @@ async def test_expired_lists_due_tickets_oldest_first(store: CounterStore) -> No
     assert due.expires_at == 300.0
 
 
+async def test_renew_extends_the_leases_of_pending_tickets_only(store: CounterStore) -> None:
+    for name in ("a", "b", "c", "d"):
+        await reserve(store, name, [hold("k", 1000, 1)], 1, expires_at=100.0)
+    await store.commit("b", event("b", [("k", 2)]))
+    await store.release("c")
+    pending = await store.renew(["a", "b", "c", "never", "a"], 500.0)
+    assert pending == {"a"}
+    assert [(t.id, t.expires_at) for t in await store.expired(1e9)] == [
+        ("d", 100.0),
+        ("a", 500.0),
+    ]
+    assert [t.id for t in await store.expired(200.0)] == ["d"]
+    # a lease is never shortened, and renewing nothing is a no-op
+    assert await store.renew(["a"], 300.0) == {"a"}
+    ticket = await store.ticket("a")
+    assert ticket is not None and ticket.expires_at == 500.0
+    assert await store.renew([], 900.0) == set()
+    # what a ticket holds is untouched
+    assert ticket.held == (("k", 2),)
+    assert await state(store, "k") == (2, 4)
+    assert await store.reconcile(repair=False) == []
+
+
+async def test_renew_of_many_tickets_in_flight_with_other_writes(store: CounterStore) -> None:
+    """A process renews all its tickets in one call, in the same turn as other writes."""
+    names = [f"m{n}" for n in range(1200)]  # more than one statement's worth of ids
+    await asyncio.gather(*(reserve(store, n, [hold("k", None, 1)], 1) for n in names))
+    renewed, settled, _ = await asyncio.gather(
+        store.renew(names, 5_000.0),
+        store.commit("m0", event("m0", [("k", 2)])),
+        reserve(store, "late", [hold("k", None, 1)], 1, expires_at=100.0),
+    )
+    assert settled is not None
+    # the renew was submitted first: m0 was still pending when it ran
+    assert renewed == set(names)
+    assert await store.expired(4_999.0) == [await store.ticket("late")]
+    assert len(await store.expired(5_000.0, limit=5_000)) == len(names)
+
+
 async def test_events_filters(store: CounterStore) -> None:
     rows = [
         ("e1", "alice", "gpt-4o", 100.0),

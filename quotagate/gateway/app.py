@@ -94,6 +94,7 @@ class Gateway:
         self.client = UpstreamClient(s.upstream_connect_timeout, s.upstream_timeout)
         self.metrics = Metrics()
         self.proxy = Proxy(engine, self.router, self.client, self.metrics, clock)
+        engine.leases.clock = clock  # leases count in the time quota decisions use
         self.openwebui = OpenWebUIUsers(engine, s)
         self.quota_api = QuotaApi(engine, self.auth, self.openwebui, clock)
         self._fixed = list(channels) if channels is not None else None
@@ -113,6 +114,7 @@ class Gateway:
         self.reload()
         self.engine.refresh()
         self._task = asyncio.ensure_future(self._maintain())
+        self.engine.leases.start()
         self.started = True
 
     def reload(self) -> None:
@@ -138,6 +140,7 @@ class Gateway:
         settled = await self.proxy.settle_open()
         if settled:
             log.warning("settled %d streams still open at shutdown on what they delivered", settled)
+        await self.engine.leases.stop()
         await self.client.close()
         self.started = False
 

@@ -114,6 +114,8 @@ class Proxy:
                     channel_refusal = channel_refusal or refusal
                     continue
                 raise refusal_error(refusal, now) from None
+            # renewed while this attempt runs; settle or cancel lets go of it
+            self.engine.leases.hold(ticket.id)
             outcome.channel = channel.name
             max_tokens: int | None = None
             if call.produces_output:

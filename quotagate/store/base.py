@@ -1,10 +1,11 @@
 """The protocol every counter-and-ledger store implements, and the records it exchanges.
 
-A store has four atomic operations. `reserve` applies :func:`~quotagate.core.decisions.decide`
+A store has five atomic operations. `reserve` applies :func:`~quotagate.core.decisions.decide`
 to the counters of a request and, if admitted, adds the reservation and records the
 ticket, all in one step. `commit` turns a ticket's reservation into the charged usage and
-writes its ledger row, at most once per ticket. `release` drops a reservation. `repair`
-sets counters to given values. Everything else reads.
+writes its ledger row, at most once per ticket. `release` drops a reservation. `renew`
+extends the leases of pending tickets whose requests are still running. `repair` sets
+counters to given values. Everything else reads.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ class CounterStore(Protocol):
 
     async def release(self, ticket_id: str) -> bool:
         """Drop the ticket's reservation. False if it was not pending."""
+        ...
+
+    async def renew(self, ticket_ids: Sequence[str], expires_at: float) -> set[str]:
+        """Extend the lease of every pending ticket among `ticket_ids` to `expires_at`
+        (a lease is never shortened); the ids that were still pending. One write for
+        them all: a process renews every ticket it holds at once."""
         ...
 
     async def ticket(self, ticket_id: str) -> StoredTicket | None: ...

@@ -77,6 +77,16 @@ class MemoryStore:
             self._counters[key][1] -= amount
         return True
 
+    async def renew(self, ticket_ids: Sequence[str], expires_at: float) -> set[str]:
+        pending = set()
+        for ticket_id in ticket_ids:
+            ticket = self._tickets.get(ticket_id)
+            if ticket is not None:
+                pending.add(ticket_id)
+                if ticket.expires_at < expires_at:
+                    self._tickets[ticket_id] = replace(ticket, expires_at=expires_at)
+        return pending
+
     async def ticket(self, ticket_id: str) -> StoredTicket | None:
         return self._tickets.get(ticket_id)
 

@@ -1,7 +1,7 @@
 """Counters and ledger in one SQLite file (WAL), shared safely by several processes.
 
 The hot path uses the standard library's sqlite3 directly. Writes (reserve, commit,
-release) go through :mod:`~quotagate.store.group_commit`: those submitted in the same turn
+release, renew) go through :mod:`~quotagate.store.group_commit`: those submitted in the same turn
 of the event loop are applied in order in one ``BEGIN IMMEDIATE`` transaction, which takes
 SQLite's write lock, so every check and its reservation are atomic across processes. A
 write's cost depends on the number of counters it touches, never on the size of the
@@ -148,6 +148,11 @@ class SQLiteStore:
     async def release(self, ticket_id: str) -> bool:
         return cast(bool, await self._writes.submit(_Release(ticket_id)))
 
+    async def renew(self, ticket_ids: Sequence[str], expires_at: float) -> set[str]:
+        if not ticket_ids:
+            return set()
+        return cast(set[str], await self._writes.submit(_Renew(ticket_ids, expires_at)))
+
     def _apply(self, writes: Sequence[_Write]) -> list[object]:
         """Apply a batch of writes in one transaction, each seeing the ones before it.
 
@@ -287,7 +292,13 @@ class _Release:
     ticket_id: str
 
 
-_Write = _Reserve | _Commit | _Release
+@dataclass(slots=True)
+class _Renew:
+    ticket_ids: Sequence[str]
+    expires_at: float
+
+
+_Write = _Reserve | _Commit | _Release | _Renew
 
 
 class _Batch:
@@ -317,6 +328,8 @@ class _Batch:
     def _one(self, write: _Write) -> object:
         if isinstance(write, _Reserve):
             return self._reserve(write)
+        if isinstance(write, _Renew):
+            return _renew(self.conn, write.ticket_ids, write.expires_at)
         held = self._take(write.ticket_id)
         if isinstance(write, _Release):
             if held is None:
@@ -437,6 +450,26 @@ def _take_ticket(conn: sqlite3.Connection, ticket_id: str) -> str | None:
         if row is not None:
             conn.execute("DELETE FROM tickets WHERE id = ?", (ticket_id,))
     return None if row is None else str(row[0])
+
+
+def _renew(conn: sqlite3.Connection, ticket_ids: Sequence[str], expires_at: float) -> set[str]:
+    """Extends the leases of the pending tickets among `ticket_ids`; their ids. One
+    statement per 500 tickets (RETURNING where SQLite has it, 3.35+)."""
+    pending: set[str] = set()
+    unique = list(dict.fromkeys(ticket_ids))
+    for start in range(0, len(unique), 500):
+        chunk = unique[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        update = f"UPDATE tickets SET expires_at = max(expires_at, ?) WHERE id IN ({marks})"
+        if _HAS_RETURNING:
+            pending.update(
+                row[0] for row in conn.execute(update + " RETURNING id", [expires_at, *chunk])
+            )
+        else:
+            found = conn.execute(f"SELECT id FROM tickets WHERE id IN ({marks})", chunk)
+            pending.update(row[0] for row in found)
+            conn.execute(update, [expires_at, *chunk])
+    return pending
 
 
 def _pruned_before(conn: sqlite3.Connection) -> float | None:
