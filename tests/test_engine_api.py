@@ -171,6 +171,30 @@ async def test_cancel_releases_and_a_cancelled_ticket_cannot_be_settled(
     assert all(reserved == 0 for _, reserved in (await gw.counters()).values())
 
 
+async def test_renew_extends_a_pending_tickets_lease(api: Api, gw: RunningGateway) -> None:
+    """A filter renews the ticket while its chat streams (its holder is another process)."""
+    admitted = api.admit().json()
+    [before] = await gw.reader.expired(float("inf"))
+    gw.clock.advance(seconds=100)  # as if the chat had been streaming for 100 s
+    r = api.post("renew", {"ticket": admitted["ticket"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["renewed"] is True
+    [after] = await gw.reader.expired(float("inf"))
+    assert after.expires_at == pytest.approx(before.expires_at + 100, abs=1)
+    renewed = datetime.fromisoformat(r.json()["expires_at"]).timestamp()
+    assert renewed == pytest.approx(after.expires_at, abs=1)
+    # not pending any more (settled, cancelled, swept, never issued): not renewed
+    api.post("settle", {"ticket": admitted["ticket"], "usage": {"completion_tokens": 3}})
+    again = api.post("renew", {"ticket": admitted["ticket"]}).json()
+    assert again == {"ticket": admitted["ticket"], "renewed": False, "expires_at": None}
+    assert api.post("renew", {"ticket": "nope"}).json()["renewed"] is False
+    assert api.post("renew", {}).status_code == 400
+    # a ticket belongs to the key that admitted it
+    other = Api(gw, gw.key("other-openwebui", trusted_openwebui=True))
+    ticket = api.admit().json()["ticket"]
+    assert other.post("renew", {"ticket": ticket}).status_code == 403
+
+
 def test_only_trusted_keys_may_use_the_api(api: Api, gw: RunningGateway) -> None:
     plain = gw.key("alice")
     r = api.post("admit", {"user": {"id": "x"}, "model": "demo-model"}, key=plain)
@@ -329,6 +353,7 @@ def test_openapi_document_describes_every_route(api: Api, gw: RunningGateway) ->
         "/v1/quota/admit",
         "/v1/quota/settle",
         "/v1/quota/cancel",
+        "/v1/quota/renew",
         "/v1/quota/status",
     }
     schemas = doc["components"]["schemas"]

@@ -1,4 +1,4 @@
-"""The engine over HTTP, for the Open WebUI filters: ``/v1/quota/admit|settle|cancel|status``.
+"""The engine over HTTP, for the Open WebUI filters: ``/v1/quota/admit|settle|cancel|renew|status``.
 
 A Filter Function runs inside Open WebUI and a Pipelines filter inside the Pipelines
 server; neither may hold quota state (one Open WebUI has many workers and replicas), so
@@ -12,6 +12,11 @@ they ask the engine, here, mounted in the gateway app. JSON in, JSON out:
   with the text that was streamed when no usage came (QuotaGate counts it). Idempotent:
   settling a ticket again answers the first settlement and charges nothing more.
 * ``POST /v1/quota/cancel`` — release a ticket that produced nothing.
+* ``POST /v1/quota/renew`` — extend a pending ticket's lease to a full ``lease_seconds``
+  from now. The ticket's holder is in another process (Open WebUI), so only it knows the
+  chat is still running: a ticket nobody renews is swept when its lease runs out. The
+  Filter Function renews from its stream hook; a Pipelines filter has no such hook, so
+  its chats must end within the lease.
 * ``GET /v1/quota/status?user=ID`` — every limit that binds the user.
 * ``GET /v1/quota/openapi.json`` — this API as an OpenAPI 3.1 document.
 
@@ -107,6 +112,10 @@ class CancelIn(_In):
     ticket: str = Field(min_length=1, max_length=64)
 
 
+class RenewIn(_In):
+    ticket: str = Field(min_length=1, max_length=64)
+
+
 class LimitOut(BaseModel):
     label: str
     metric: str = Field(description="tokens, input_tokens, output_tokens, credits or requests")
@@ -151,6 +160,12 @@ class SettleOut(BaseModel):
 class CancelOut(BaseModel):
     ticket: str
     cancelled: bool = Field(description="false if the ticket was not pending")
+
+
+class RenewOut(BaseModel):
+    ticket: str
+    renewed: bool = Field(description="false if the ticket was not pending (settled, swept)")
+    expires_at: str | None = Field(description="the lease's new end; null if not renewed")
 
 
 class StatusOut(BaseModel):
@@ -217,7 +232,13 @@ class QuotaApi:
                 self._openapi = orjson.dumps(openapi())
             await respond(send, 200, self._openapi)
             return 200
-        routes = {"admit": "POST", "settle": "POST", "cancel": "POST", "status": "GET"}
+        routes = {
+            "admit": "POST",
+            "settle": "POST",
+            "cancel": "POST",
+            "renew": "POST",
+            "status": "GET",
+        }
         if name not in routes:
             raise not_found(path)
         if method != routes[name]:
@@ -234,6 +255,8 @@ class QuotaApi:
                     out = await self._admit(_parse(AdmitIn, raw), key, entry)
                 elif name == "settle":
                     out = await self._settle(_parse(SettleIn, raw), key, entry)
+                elif name == "renew":
+                    out = await self._renew(_parse(RenewIn, raw), key)
                 else:
                     out = await self._cancel(_parse(CancelIn, raw), key)
         except QuotaExceeded as exc:
@@ -345,6 +368,14 @@ class QuotaApi:
         ticket = await self._pending(req.ticket, key)
         cancelled = ticket is not None and await self.engine.cancel(ticket)
         return CancelOut(ticket=req.ticket, cancelled=cancelled)
+
+    async def _renew(self, req: RenewIn, key: ApiKey) -> RenewOut:
+        ticket = await self._pending(req.ticket, key)
+        now = self.clock()
+        renewed = ticket is not None and bool(await self.engine.renew([ticket.id], now=now))
+        ends = now.timestamp() + self.engine.settings.lease_seconds
+        expires = _iso(datetime.fromtimestamp(ends, now.tzinfo)) if renewed else None
+        return RenewOut(ticket=req.ticket, renewed=renewed, expires_at=expires)
 
     async def _status(self, scope: Scope, entry: dict[str, Any]) -> StatusOut:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -525,6 +556,16 @@ def openapi() -> dict[str, Any]:
                 "security": secured,
                 "requestBody": body(CancelIn),
                 "responses": {"200": answer(CancelOut, "released, or was not pending"), **errors},
+            }
+        },
+        "/v1/quota/renew": {
+            "post": {
+                "summary": "Extend a pending ticket's lease while its call still runs",
+                "description": "A ticket nobody renews is swept when its lease runs out; "
+                "renew it about every third of the lease while the model call runs.",
+                "security": secured,
+                "requestBody": body(RenewIn),
+                "responses": {"200": answer(RenewOut, "renewed, or was not pending"), **errors},
             }
         },
         "/v1/quota/status": {

@@ -18,6 +18,9 @@ description: Per-person token quotas from QuotaGate: checked before a chat, char
 #   in `__metadata__`, the one dict Open WebUI hands to inlet, stream and outlet of the
 #   same request (nothing about quotas is kept in this process: replicas are safe).
 # * stream: collects the streamed text and, when the usage chunk passes, settles at once.
+#   While the chat streams it renews the ticket's lease (POST /v1/quota/renew) a third of
+#   the way to its end, so a chat longer than QuotaGate's lease_seconds keeps its
+#   reservation; only the tickets of an Open WebUI process that died expire.
 # * outlet: settles (once) with the usage of exactly this request's message, or counts the
 #   text when no usage came. Outlet calls made by POST /api/chat/completed are ignored:
 #   that deprecated route runs outlet again on a body the client wrote.
@@ -534,6 +537,15 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)  # noqa: UP017 - also runs on older Open WebUI Pythons
 
 
+def _renew_at(expires_at: Any, now: datetime) -> float | None:
+    """When to renew a lease that ends at `expires_at` (ISO 8601): a third of the way."""
+    try:
+        ends = datetime.fromisoformat(str(expires_at)).timestamp()
+    except ValueError:
+        return None
+    return now.timestamp() + max(0.0, ends - now.timestamp()) / 3
+
+
 class Filter:
     class Valves(BaseModel):
         quotagate_url: str = Field(
@@ -606,6 +618,7 @@ class Filter:
         asked = bool(body.get("stream")) and qg_client_asked_usage(body)
         qg_clamp(body, int(answer["max_tokens"]))
         state = qg_new_state(answer, body, ui_path, asked)
+        state["renew_at"] = _renew_at(answer.get("expires_at"), now)
         meta[QG_STATE] = state
         self._watch(state)
         if self.valves.show_status:
@@ -621,6 +634,7 @@ class Filter:
         if not isinstance(state, dict) or state.get("settled"):
             return event
         self._watch(state)
+        self._keep_alive(state)
         if qg_observe(state, event):
             await self._settle(state, __event_emitter__)
         if (
@@ -678,6 +692,31 @@ class Filter:
             line = qg_status_line(answer.get("limits"), now)
             if line:
                 await self._emit(emitter, line, done=True)
+
+    def _keep_alive(self, state: dict) -> None:
+        """Renew the lease when it is a third gone, in the background (the chunk goes on)."""
+        due = state.get("renew_at")
+        if due is None or _now().timestamp() < due:
+            return
+        state["renew_at"] = None  # one renewal at a time
+        renewal = asyncio.ensure_future(self._renew(state))
+        self._tasks.add(renewal)
+        renewal.add_done_callback(self._tasks.discard)
+
+    async def _renew(self, state: dict) -> None:
+        now = _now()
+        try:
+            status, answer = await qg_call(
+                self.valves, "POST", "/v1/quota/renew", {"ticket": state["ticket"]}
+            )
+        except QuotaGateUnavailable as down:
+            QG_LOG.error("QuotaGate: could not renew ticket %s: %s", state.get("ticket"), down)
+            status, answer = 0, {}
+        if status == 200:  # renewed: when to renew next; not pending any more: never
+            renewed = answer.get("renewed") and not state.get("settled")
+            state["renew_at"] = _renew_at(answer.get("expires_at"), now) if renewed else None
+        else:
+            state["renew_at"] = now.timestamp() + 5.0  # try again at a later chunk
 
     def _watch(self, state: dict) -> None:
         """Settle when the request's tasks end without an outlet (stop, errors)."""

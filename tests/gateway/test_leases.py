@@ -8,17 +8,23 @@ requests, and at the end its real usage is charged once, as a normal settlement,
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
+from quotagate.store.factory import open_engine
 from tests.gateway.harness import RunningGateway, channel, running_gateway
-from tests.support.upstream import RunningUpstream
+from tests.support.upstream import RunningUpstream, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -136,3 +142,76 @@ async def test_a_slow_answer_keeps_its_reservation(
         assert answer.usage.completion_tokens == WORDS
         await assert_charged_once(gw, "bob", answer.usage.prompt_tokens, WORDS)
     no_lease_warnings(caplog)
+
+
+async def test_a_killed_gateways_ticket_is_swept_by_another_process_after_the_lease(
+    tmp_path: Path, upstream: RunningUpstream
+) -> None:
+    """Renewal is what a live process does: SIGKILL the gateway mid-stream and its ticket
+    stops being renewed, so another process sweeps it once the lease it had runs out."""
+    upstream.knobs.default_tokens = 200
+    upstream.knobs.chunk_delay = 0.1
+    url = f"sqlite:///{tmp_path / 'quotagate.db'}"
+    config = tmp_path / "quotagate.toml"
+    config.write_text(
+        f'database_url = "{url}"\nlease_seconds = {LEASE}\nsweep_seconds = 0.2\n'
+        'on_expiry = "charge"\naccess_log = false\n'
+        f'[[channels]]\nname = "main"\nbase_url = "{upstream.base_url}"\n'
+        'models = ["demo-model"]\n'
+    )
+    setup = open_engine(url, create=True)
+    setup.catalog.set_limit("user", "carol", "tokens", "day", LIMIT)
+    _, key = setup.catalog.create_key("carol", "test")
+    await setup.close()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAGATE_")}
+    env["QUOTAGATE_CONFIG"] = str(config)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "quotagate"), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    sweeper = open_engine(url, create=False, lease_seconds=LEASE, on_expiry="charge")
+    try:
+        root = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, server.communicate()[1]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{root}/healthz").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.1)
+        body = {"model": "demo-model", "messages": MESSAGES, "stream": True, "max_tokens": 500}
+        headers = {"Authorization": f"Bearer {key}"}
+        leases: list[float] = []
+        with (
+            httpx.Client(timeout=20) as http,
+            http.stream("POST", f"{root}/v1/chat/completions", json=body, headers=headers) as r,
+        ):
+            assert r.status_code == 200
+            chunks = r.iter_raw()
+            begun = time.monotonic()
+            while time.monotonic() - begun < 2.5 * LEASE:  # alive: renewed
+                next(chunks)
+                pending = await sweeper.store.expired(float("inf"))
+                leases += [t.expires_at for t in pending]
+            server.kill()
+            server.wait(timeout=10)
+        [ticket] = await sweeper.store.expired(float("inf"))
+        assert len(set(leases)) > 2, "the live gateway renewed the lease"
+        assert ticket.expires_at > min(leases) + LEASE
+        assert await sweeper.sweep() == []  # the lease it was given is still running
+        time.sleep(max(0.0, ticket.expires_at - time.time()) + 0.05)
+        [swept] = await sweeper.sweep()
+        assert (swept.ticket_id, swept.status, swept.estimated) == (ticket.id, "expired", True)
+        assert swept.completion_tokens == ticket.max_output > 0
+        assert await sweeper.store.expired(float("inf")) == []
+        assert await sweeper.reconcile(repair=False) == []
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+        await sweeper.close()

@@ -308,6 +308,44 @@ async def test_streamed_text_is_counted_when_no_usage_comes(filt: Any, gw: Runni
     assert event.prompt_tokens == chat.metadata["quotagate"]["prompt_tokens"]
 
 
+async def test_a_chat_streaming_longer_than_the_lease_keeps_its_reservation(
+    tmp_path: Path,
+) -> None:
+    """The filter renews the ticket from its stream hook, so QuotaGate never sweeps a chat
+    that is still streaming: the reservation holds, the real usage is settled once."""
+    lease = 1.5
+    with running_gateway(
+        tmp_path, lease_seconds=lease, sweep_seconds=0.2, on_expiry="release"
+    ) as gw:
+        gw.limit(Scope.EVERYONE, "*", Metric.TOKENS, "day", 10_000)
+        module = load_function()
+        filt = module.Filter()
+        filt.valves = module.Filter.Valves(
+            quotagate_url=gw.root_url,
+            service_key=gw.key("openwebui", trusted_openwebui=True),
+            settle_grace_seconds=0.2,
+            send_groups=False,
+        )
+        chat = Chat(filt, stream=True, max_tokens=200)
+        events = chunks(12, usage(4, 12))
+        held = []
+
+        async def flow() -> None:
+            await chat.inlet()
+            for event in events:
+                await asyncio.sleep(4 * lease / len(events))  # a slow model: four leases
+                await chat.stream_events([event])
+                held.append(sum(r for _, r in (await gw.counters()).values()))
+            await chat.outlet(chat.outlet_body(text_of(12), usage(4, 12)))
+
+        await run(flow())
+        assert all(held[:-1]), held  # reserved all along (the last chunk settled it)
+        [event] = await settled_events(gw, 1)
+        assert (event.status, event.estimated) == ("settled", False)
+        assert (event.prompt_tokens, event.completion_tokens) == (4, 12)
+        assert await gw.pending() == 0
+
+
 async def test_tool_call_rounds_add_up(filt: Any, gw: RunningGateway) -> None:
     """A model that calls a tool is called again: both calls' usage is charged, once."""
     chat = Chat(filt, stream=True)
