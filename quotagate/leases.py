@@ -75,10 +75,15 @@ class LeaseKeeper:
     async def stop(self) -> None:
         """Stop renewing; held tickets keep the lease they have (then expire)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        if task.get_loop() is not asyncio.get_running_loop():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing runs
+                task.get_loop().call_soon_threadsafe(task.cancel)
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _run(self) -> None:
         while True:
