@@ -577,10 +577,13 @@ class Engine:
 
     async def sweep(self, now: datetime | None = None) -> list[UsageEvent]:
         """Settle every ticket whose lease ran out: charged at its reservation, or released
-        (by configuration); either way a ledger row flagged `estimated` says so."""
+        (by configuration); either way a ledger row flagged `estimated` says so. Tickets
+        this process's running requests hold are left alone: they are alive."""
         at = _moment(now)
         events = []
         for stored in await self.store.expired(at.timestamp()):
+            if self.leases.holds(stored.id):
+                continue  # its request runs here: the renewal is late, not missing
             ticket = _restore(stored)
             try:
                 if self.settings.on_expiry == "charge":

@@ -57,6 +57,14 @@ class LeaseKeeper:
     def __contains__(self, ticket_id: object) -> bool:
         return ticket_id in self._held
 
+    def holds(self, ticket_id: str) -> bool:
+        """Whether a running request of this process holds `ticket_id`: this process never
+        sweeps it, however late its renewal (a busy store, a clock moved forward)."""
+        if ticket_id not in self._held:
+            return False
+        task = self._held[ticket_id]
+        return task is None or not task.done()
+
     def hold(self, ticket_id: str) -> None:
         """Keep `ticket_id` renewed while the current task runs, until it is settled or
         cancelled through the engine. Starts the renewals on first use."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -103,3 +104,17 @@ async def test_a_ticket_settled_elsewhere_is_let_go_of(make_engine: Any) -> None
     assert ticket.id in engine.leases
     assert await engine.leases.renew() == 0
     assert ticket.id not in engine.leases
+
+
+async def test_this_process_never_sweeps_a_ticket_it_holds(make_engine: Any) -> None:
+    """However late the renewal (a busy store, a clock moved forward), a ticket held by a
+    running request of this process is alive; another process sweeps only what its lease
+    says (tests/gateway/test_leases.py kills a gateway to show it)."""
+    engine: Engine = make_engine(lease_seconds=60)
+    held, left = await engine.admit(context()), await engine.admit(context("bob"))
+    engine.leases.hold(held.id)
+    later = datetime.now(UTC) + timedelta(days=1)
+    assert [e.ticket_id for e in await engine.sweep(later)] == [left.id]
+    assert await engine.store.ticket(held.id) is not None
+    engine.leases.drop(held.id)  # its request let go: now it is swept like any other
+    assert [e.ticket_id for e in await engine.sweep(later)] == [held.id]

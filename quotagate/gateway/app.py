@@ -5,7 +5,8 @@
 may use; ``/healthz`` (the process answers), ``/readyz`` (the database answers) and
 ``/metrics`` (Prometheus) serve operators. Background work — noticing catalog changes
 (keys revoked, channels added), sweeping expired tickets and pruning the counters of
-ended windows — runs in one task.
+ended windows — runs in one task; the engine's lease keeper (:mod:`quotagate.leases`)
+renews the tickets of the requests in flight in another.
 """
 
 from __future__ import annotations

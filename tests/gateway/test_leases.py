@@ -95,9 +95,10 @@ async def test_a_stream_lasting_several_leases_keeps_its_reservation(
         )
         text, usage, probes = [], None, []
         for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
             text += [c.delta.content or "" for c in chunk.choices]
+            if chunk.usage is not None:  # the stream may be settled from here on
+                usage = chunk.usage
+                continue
             probes.append(refused(client))
             assert await gw.pending() == 1
         lasted = time.monotonic() - begun
