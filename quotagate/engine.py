@@ -34,7 +34,7 @@ from quotagate.core.limits import Limit, Metric, Scope, check_amount
 from quotagate.core.policy import Policy, User
 from quotagate.core.pricing import Price, Usage, price_from_record, price_to_record
 from quotagate.core.tokens import TokenCounter
-from quotagate.core.windows import Window, parse_window
+from quotagate.core.windows import CALENDAR_KINDS, Window, parse_window
 from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent
 from quotagate.store.catalog import Catalog
 
@@ -151,6 +151,7 @@ class _Spec:
     label: str
     scope: str = "allowance"
     target: str | None = None
+    per_user: bool = False
     #: the last window slots and the keys made of them (specs are reused across requests)
     _keys: tuple[object, tuple[str, tuple[str, ...], int | None]] | None = field(
         default=None, repr=False, compare=False
@@ -430,6 +431,7 @@ class Engine:
             limit.describe(),
             limit.scope.value,
             limit.target,
+            limit.per_user and not limit.scope.is_allowance,
         )
 
     @staticmethod
@@ -441,21 +443,34 @@ class Engine:
     async def _refusal(
         self, spec: _Spec, hold: Hold, used: int, reserved: int, want: int, at: datetime
     ) -> Refusal:
+        window = spec.window
+        # what the decision refused: in strict mode the prompt and the least completion it
+        # would have been admitted with (see decide), in optimistic mode any room at all
+        if self.settings.mode == "strict":
+            need = hold.base + hold.per_output * min(self.settings.min_output_tokens, want)
+        else:
+            need = 1
+        amount = spec.amount or 0
         by_bucket = {}
-        if spec.window.kind == "rolling":
+        if window.kind == "rolling":
             states = await self.store.counters(hold.read_keys)
             by_bucket = {int(k.rsplit("|", 1)[1]): u + r for k, (u, r) in states.items()}
         return Refusal(
             limit=spec.label,
             metric=spec.metric.value,
-            window=spec.window.describe(),
-            amount=spec.amount or 0,
+            window=window.describe(),
+            amount=amount,
             used=used,
             reserved=reserved,
-            requested=hold.base + hold.per_output * min(want, max(1, want)),
-            resets_at=spec.window.resets_at(at, by_bucket),
+            requested=need,
+            resets_at=window.resets_at(at, by_bucket, amount=amount, need=need),
             scope=spec.scope,
             target=spec.target,
+            window_kind=window.kind,
+            window_seconds=window.length,
+            rate_limit=window.is_rate_limit,
+            timezone=window.tz if window.kind in CALENDAR_KINDS else self.settings.timezone,
+            per_user=spec.per_user,
         )
 
     # -- settle / cancel -------------------------------------------------------------
