@@ -34,7 +34,7 @@ from quotagate.core.limits import Limit, Metric, Scope, check_amount
 from quotagate.core.policy import Policy, User
 from quotagate.core.pricing import Price, Usage, price_from_record, price_to_record
 from quotagate.core.tokens import TokenCounter
-from quotagate.core.windows import CALENDAR_KINDS, Window, parse_window
+from quotagate.core.windows import Window, parse_window
 from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent
 from quotagate.store.catalog import Catalog
 
@@ -451,6 +451,8 @@ class Engine:
         else:
             need = 1
         amount = spec.amount or 0
+        # rolling and lifetime windows have no timezone: told in the configured one
+        local = self.settings.timezone if window.kind in ("rolling", "lifetime") else window.tz
         by_bucket = {}
         if window.kind == "rolling":
             states = await self.store.counters(hold.read_keys)
@@ -469,7 +471,7 @@ class Engine:
             window_kind=window.kind,
             window_seconds=window.length,
             rate_limit=window.is_rate_limit,
-            timezone=window.tz if window.kind in CALENDAR_KINDS else self.settings.timezone,
+            timezone=local,
             per_user=spec.per_user,
         )
 
