@@ -153,6 +153,7 @@ class _Spec:
     label: str
     scope: str = "allowance"
     target: str | None = None
+    per_user: bool = False
     #: the last window slots and the keys made of them (specs are reused across requests)
     _keys: tuple[object, tuple[str, tuple[str, ...], int | None]] | None = field(
         default=None, repr=False, compare=False
@@ -434,6 +435,7 @@ class Engine:
             limit.describe(),
             limit.scope.value,
             limit.target,
+            limit.per_user and not limit.scope.is_allowance,
         )
 
     @staticmethod
@@ -445,21 +447,36 @@ class Engine:
     async def _refusal(
         self, spec: _Spec, hold: Hold, used: int, reserved: int, want: int, at: datetime
     ) -> Refusal:
+        window = spec.window
+        # what the decision refused: in strict mode the prompt and the least completion it
+        # would have been admitted with (see decide), in optimistic mode any room at all
+        if self.settings.mode == "strict":
+            need = hold.base + hold.per_output * min(self.settings.min_output_tokens, want)
+        else:
+            need = 1
+        amount = spec.amount or 0
+        # rolling and lifetime windows have no timezone: told in the configured one
+        local = self.settings.timezone if window.kind in ("rolling", "lifetime") else window.tz
         by_bucket = {}
-        if spec.window.kind == "rolling":
+        if window.kind == "rolling":
             states = await self.store.counters(hold.read_keys)
             by_bucket = {int(k.rsplit("|", 1)[1]): u + r for k, (u, r) in states.items()}
         return Refusal(
             limit=spec.label,
             metric=spec.metric.value,
-            window=spec.window.describe(),
-            amount=spec.amount or 0,
+            window=window.describe(),
+            amount=amount,
             used=used,
             reserved=reserved,
-            requested=hold.base + hold.per_output * min(want, max(1, want)),
-            resets_at=spec.window.resets_at(at, by_bucket),
+            requested=need,
+            resets_at=window.resets_at(at, by_bucket, amount=amount, need=need),
             scope=spec.scope,
             target=spec.target,
+            window_kind=window.kind,
+            window_seconds=window.length,
+            rate_limit=window.is_rate_limit,
+            timezone=local,
+            per_user=spec.per_user,
         )
 
     # -- settle / cancel -------------------------------------------------------------

@@ -113,7 +113,8 @@ async def test_refusal_is_429_with_the_limit_the_numbers_and_the_reset(
     assert refusal["timezone"] == "Europe/Berlin"
     resets = datetime.fromisoformat(refusal["resets_at"])
     assert (resets.hour, resets.minute) == (0, 0)  # midnight in Berlin
-    assert "Quota exceeded" in refusal["message"]
+    assert refusal["message"].startswith("This request does not fit in your daily token allowance")
+    assert "It resets at 00:00 Europe/Berlin (in " in refusal["message"]
     assert int(r.headers["retry-after"]) > 0
     assert await gw.pending() == 0
 

@@ -186,6 +186,78 @@ def test_rolling_resets_when_the_oldest_used_bucket_leaves() -> None:
     assert window.resets_at(charged) == leaves
 
 
+@pytest.mark.parametrize(
+    ("spec", "length", "rate_limit"),
+    [
+        ("minute", 60, True),
+        ("rolling:59m", 3_540, True),
+        ("rolling:60m", 3_600, True),
+        ("rolling:1h", 3_600, True),
+        ("hour", 3_600, True),
+        ("rolling:61m", 3_660, False),
+        ("rolling:24h", 86_400, False),
+        ("day", 86_400, False),
+        ("week", 604_800, False),
+        ("month", 2_678_400, False),
+        ("lifetime", None, False),
+    ],
+)
+def test_a_window_up_to_an_hour_long_is_a_rate_limit(
+    spec: str, length: int | None, rate_limit: bool
+) -> None:
+    """By length, however the window is written: `rolling:60m` is `hour`, not a quota."""
+    window = parse_window(spec, "Europe/Berlin")
+    assert window.length == length
+    assert window.is_rate_limit is rate_limit
+
+
+def test_a_rolling_reset_is_when_the_request_really_fits() -> None:
+    """Ten buckets of 100 in a 1,000 window: a request that needs 250 fits only once three
+    buckets have left, not when the first one does."""
+    window = parse_window("rolling:60m")
+    t0 = utc(2025, 6, 2, 10, 0, 0)
+    usage = {int((t0 + timedelta(minutes=m)).timestamp()): 100 for m in range(10)}
+    at = t0 + timedelta(minutes=59)
+    assert window.resets_at(at, usage) == utc(2025, 6, 2, 11, 1)  # first room, as status says
+    told = window.resets_at(at, usage, amount=1_000, need=250)
+    assert told == utc(2025, 6, 2, 11, 3)  # the 10:02 bucket leaves
+
+    def fits(moment: datetime) -> bool:
+        counted = set(window.counted_buckets(moment))
+        return sum(v for b, v in usage.items() if b in counted) + 250 <= 1_000
+
+    assert fits(told) and not fits(told - timedelta(seconds=1))
+    # what reservations hold counts the same as what was used
+    assert window.resets_at(at, usage, amount=1_000, need=1) == utc(2025, 6, 2, 11, 1)
+    assert window.resets_at(at, usage, amount=1_000, need=901) == utc(2025, 6, 2, 11, 10)
+    # it fits already (room freed since the refusal): now; it can never fit: when empty
+    assert window.resets_at(at, usage, amount=2_000, need=1) == at
+    assert window.resets_at(at, usage, amount=1_000, need=1_001) == utc(2025, 6, 2, 11, 10)
+    # empty buckets are ignored; calendar windows reset at the period's end whatever is used
+    assert window.resets_at(at, {**usage, 0: 0}, amount=1_000, need=250) == told
+    day = parse_window("day", "Europe/Berlin")
+    assert day.resets_at(at, amount=1, need=5) == datetime(2025, 6, 3, tzinfo=BERLIN)
+
+
+async def test_a_rolling_refusal_tells_when_the_request_fits(engine: Engine) -> None:
+    """A 250-token request against ten used buckets: the refusal's reset is when three have
+    left; a second earlier it is still refused, then it is admitted."""
+    engine.catalog.set_limit("role", "user", "tokens", "rolling:60m", 1_000)
+    t0 = utc(2025, 6, 2, 10, 0, 0)
+    for minute in range(10):
+        await spend(engine, 100, t0 + timedelta(minutes=minute, seconds=30))
+    with pytest.raises(QuotaExceeded) as caught:
+        await engine.admit(ask(249, 500), now=t0 + timedelta(minutes=59))
+    refusal = caught.value.refusal
+    assert refusal.requested == 250  # the prompt and min_output_tokens, not 249 + 500
+    assert refusal.resets_at == utc(2025, 6, 2, 11, 3)
+    with pytest.raises(QuotaExceeded) as again:
+        await engine.admit(ask(249, 500), now=utc(2025, 6, 2, 11, 2, 59))
+    assert again.value.resets_at == utc(2025, 6, 2, 11, 3)
+    ticket = await engine.admit(ask(249, 500), now=utc(2025, 6, 2, 11, 3))
+    assert ticket.max_tokens == 300 - 249
+
+
 def test_lifetime_never_resets() -> None:
     lifetime = parse_window("lifetime")
     assert lifetime.bucket(utc(2025, 6, 2)) == (0, None)
@@ -295,6 +367,7 @@ async def test_rolling_60_minutes_ages_out_bucket_by_bucket(engine: Engine) -> N
     # the 10:00 bucket counts until 11:01, when it leaves the window
     assert caught.value.resets_at == utc(2025, 6, 2, 11, 1)
     assert caught.value.refusal.window == "rolling 1h"
+    assert caught.value.refusal.rate_limit and caught.value.refusal.window_seconds == 3_600
 
     assert await left(engine, utc(2025, 6, 2, 11, 0, 59), "rolling:1h") == 0
     for gone in range(1, 11):

@@ -40,6 +40,9 @@ class Refusal:
     amount: int
     used: int
     reserved: int
+    #: the least this request needs left on the limit to be admitted: in strict mode its
+    #: prompt plus `min_output_tokens` (not the completion budget it asked for), in
+    #: optimistic mode one unit
     requested: int
     resets_at: datetime | None
     #: what the limit is attached to ("allowance", "wallet", or a Scope value such as
@@ -47,6 +50,16 @@ class Refusal:
     #: next channel
     scope: str | None = None
     target: str | None = None
+    #: the window as data, for wording and classification: its kind ("day", "rolling"…),
+    #: its length in seconds (None: lifetime), whether running out of it is a rate limit
+    #: (:attr:`Window.is_rate_limit`: up to an hour long) and the timezone its reset is
+    #: told in (the configured one for windows that have none of their own)
+    window_kind: str = "day"
+    window_seconds: int | None = None
+    rate_limit: bool = False
+    timezone: str = "UTC"
+    #: a model or pool limit that gives each user a counter of their own
+    per_user: bool = False
 
     @property
     def remaining(self) -> int:

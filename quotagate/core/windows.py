@@ -20,6 +20,12 @@ CALENDAR_KINDS = ("minute", "hour", "day", "week", "month")
 ROLLING_BUCKETS = 60
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ROLLING = re.compile(r"^rolling:(\d+)([smhdw])$")
+#: nominal length of each calendar window (a month at its longest): what classifies it
+_CALENDAR_SECONDS = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800, "month": 2678400}
+#: windows up to this long are rate limits (waiting is the answer: a client may retry
+#: soon); longer ones, a day and up, are quotas. One hour, `hour` and `rolling:60m`
+#: alike, is still a rate limit.
+RATE_LIMIT_SECONDS = 3600
 
 
 @lru_cache(maxsize=64)
@@ -54,6 +60,20 @@ class Window:
         if self.kind in ("minute", "hour"):
             return f"{self.kind}@{self.tz}"
         return self.spec
+
+    @property
+    def length(self) -> int | None:
+        """How long the window is, in seconds (None: lifetime). A month counts 31 days."""
+        if self.kind == "rolling":
+            return self.seconds
+        return _CALENDAR_SECONDS.get(self.kind)
+
+    @property
+    def is_rate_limit(self) -> bool:
+        """Whether running out of this window is a rate limit rather than a quota: decided
+        by its length alone, however it is written (`rolling:60m` is `hour`)."""
+        length = self.length
+        return length is not None and length <= RATE_LIMIT_SECONDS
 
     @property
     def bucket_seconds(self) -> int:
@@ -109,17 +129,43 @@ class Window:
         return int(end.timestamp())
 
     def resets_at(
-        self, at: datetime, usage_by_bucket: dict[int, int] | None = None
+        self,
+        at: datetime,
+        usage_by_bucket: dict[int, int] | None = None,
+        *,
+        amount: int | None = None,
+        need: int = 0,
     ) -> datetime | None:
-        """When capacity comes back: the period's end, or for a rolling window the moment
-        the oldest bucket that still holds usage stops counting."""
+        """When capacity comes back: the period's end; for a rolling window, the moment
+        its buckets' usage (used + reserved, by bucket start) has aged out enough.
+
+        Without `amount` that is when the oldest bucket holding usage leaves (the first
+        capacity that comes back, as a status shows). With it, the earliest moment at which
+        what still counts plus `need` fits in `amount`: a request that needs several
+        buckets to leave is told when it really fits. It is `at` if it fits already, and
+        when the window is empty if it can never fit.
+        """
         if self.kind == "lifetime":
             return None
-        if self.kind == "rolling":
-            held = sorted(b for b, v in (usage_by_bucket or {}).items() if v > 0)
-            first = held[0] if held else self.bucket(at)[0]
-            return datetime.fromtimestamp(first + self.bucket_seconds + self.seconds, UTC)
-        return self.period(at)[1]
+        if self.kind != "rolling":
+            return self.period(at)[1]
+        held = sorted((b, v) for b, v in (usage_by_bucket or {}).items() if v > 0)
+        if not held:
+            return self._leaves(self.bucket(at)[0])
+        if amount is None:
+            return self._leaves(held[0][0])
+        counted = sum(v for _, v in held)
+        if counted + need <= amount:
+            return at
+        for bucket, value in held:
+            counted -= value
+            if counted + need <= amount:
+                return self._leaves(bucket)
+        return self._leaves(held[-1][0])  # it never fits: when the window is empty
+
+    def _leaves(self, bucket_start: int) -> datetime:
+        """When a rolling window's bucket stops counting (its :meth:`expires_at`)."""
+        return datetime.fromtimestamp(bucket_start + self.bucket_seconds + self.seconds, UTC)
 
     # -- calendar arithmetic -------------------------------------------------------------
     def period(self, at: datetime) -> tuple[datetime, datetime]:

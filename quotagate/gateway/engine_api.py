@@ -181,11 +181,16 @@ class RefusalOut(BaseModel):
     timezone: str
     amount: int
     used: int = Field(description="used plus held by requests in flight")
-    requested: int
+    requested: int = Field(
+        description="the least the request needs left: its prompt plus min_output_tokens"
+    )
     remaining: int
-    resets_at: str | None
+    resets_at: str | None = Field(
+        description="ISO 8601 in `timezone`: when the limit resets or, for a rolling "
+        "window, when this request fits again; null: never"
+    )
     scope: str | None
-    message: str
+    message: str = Field(description="the refusal in words, for the person asking")
 
 
 class ErrorDetail(BaseModel):
@@ -412,7 +417,6 @@ class QuotaApi:
         now = self.clock()
         error = refusal_error(refusal, now)
         entry["reason"] = error.reason
-        timezone = await self._timezone(refusal, entry.get("user"), now)
         body = ErrorOut(
             error=ErrorDetail(
                 message=error.message, type=error.type, code=error.code, param=error.param
@@ -421,26 +425,18 @@ class QuotaApi:
                 limit=refusal.limit,
                 metric=refusal.metric,
                 window=refusal.window,
-                timezone=timezone,
+                timezone=refusal.timezone,
                 amount=refusal.amount,
                 used=refusal.used + refusal.reserved,
                 requested=refusal.requested,
                 remaining=refusal.remaining,
-                resets_at=_iso(refusal.resets_at, timezone),
+                resets_at=_iso(refusal.resets_at, refusal.timezone),
                 scope=refusal.scope,
                 message=error.message,
             ),
         )
         await respond(send, 429, body.model_dump_json().encode(), error.headers)
         return 429
-
-    async def _timezone(self, refusal: Refusal, user: Any, now: datetime) -> str:
-        """The timezone of the refusing limit, so its reset can be told in local time."""
-        if isinstance(user, str):
-            for status in await self.engine.status(user, now=now):
-                if status.label == refusal.limit and status.metric.value == refusal.metric:
-                    return status.window.tz
-        return self.engine.settings.timezone
 
 
 def _parse(model: type[M], raw: bytes) -> M:

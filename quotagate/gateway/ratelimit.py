@@ -14,14 +14,13 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from quotagate.core.errors import Refusal
+from quotagate.core.explain import explain
 from quotagate.core.limits import Metric
 from quotagate.engine import Ticket
 from quotagate.gateway.asgi import Headers
 from quotagate.gateway.errors import ApiError
 
 _TOKEN_METRICS = (Metric.TOKENS, Metric.INPUT_TOKENS, Metric.OUTPUT_TOKENS)
-#: windows short enough that waiting is the answer: a rate limit rather than a quota
-_RATE_WINDOWS = ("minute", "hour")
 
 
 def duration(seconds: float) -> str:
@@ -72,29 +71,17 @@ def ticket_headers(ticket: Ticket, now: float, charged: Sequence[int] | None = N
     return out
 
 
-def is_rate_limit(refusal: Refusal) -> bool:
-    return (
-        refusal.metric == Metric.REQUESTS.value
-        or refusal.window in _RATE_WINDOWS
-        or (refusal.window.startswith("rolling") and refusal.window.endswith(("m", "s")))
-    )
-
-
 def refusal_error(refusal: Refusal, now: datetime) -> ApiError:
-    """The 429 of a refusal: OpenAI's body, Retry-After, and the limit's headers."""
+    """The 429 of a refusal: OpenAI's body, Retry-After, and the limit's headers.
+
+    A window up to an hour long is a rate limit (`rate_limit_exceeded`, which the openai
+    SDK may retry); longer ones are quotas (`insufficient_quota`, `x-should-retry: false`)
+    — :attr:`Window.is_rate_limit`, by the window's length whatever the metric.
+    """
     wait = (refusal.resets_at - now).total_seconds() if refusal.resets_at else None
-    rate = is_rate_limit(refusal)
+    rate = refusal.rate_limit
     kind = "rate_limit_exceeded" if rate else "insufficient_quota"
-    unit = refusal.metric.replace("_", " ")
-    if refusal.resets_at is not None:
-        when = f"It resets at {refusal.resets_at.isoformat()} (in {duration(wait or 0)})."
-    else:
-        when = "It does not reset."
-    message = (
-        f"Quota exceeded: {refusal.limit} ({unit} per {refusal.window}): "
-        f"used {refusal.used + refusal.reserved:,} of {refusal.amount:,} "
-        f"(this request needs {refusal.requested:,}, {refusal.remaining:,} left). {when}"
-    )
+    message = explain(refusal, now)
     headers: Headers = []
     if wait is not None:
         headers.append((b"retry-after", b"%d" % max(1, math.ceil(wait))))

@@ -331,33 +331,13 @@ def qg_reset(resets_at: str | None, zone: str, now: datetime, relative: bool) ->
     return text
 
 
-def qg_refusal_text(body: dict[str, Any], now: datetime) -> str:
-    """The message a person sees when QuotaGate refuses their chat."""
+def qg_refusal_text(body: dict[str, Any]) -> str:
+    """The message a person sees when QuotaGate refuses their chat: QuotaGate's own words
+    (every front door words a refusal the same way, in the limit's timezone)."""
     refusal = body.get("refusal")
-    if not isinstance(refusal, dict):
-        return f"QuotaGate refused this request: {qg_error_message(body)}"
-    metric = str(refusal.get("metric") or "tokens")
-    amount = int(refusal.get("amount") or 0)
-    used = int(refusal.get("used") or 0)
-    window = str(refusal.get("window") or "")
-    _, adjective = qg_period(window)
-    unit = qg_unit(metric)
-    reset = qg_reset(
-        refusal.get("resets_at"), str(refusal.get("timezone") or "UTC"), now, relative=True
-    )
-    limit = str(refusal.get("limit") or "quota")
-    if used >= amount:
-        head = f"You have used your {adjective} {unit} quota ({limit})"
-    else:
-        head = f"This request does not fit in your {adjective} {unit} quota ({limit})"
-    text = (
-        f"{head}: {qg_amount(metric, used)} of {qg_amount(metric, amount)} {unit} used"
-        f", {qg_amount(metric, int(refusal.get('remaining') or 0))} left"
-    )
-    requested = refusal.get("requested")
-    if isinstance(requested, int) and requested > int(refusal.get("remaining") or 0):
-        text += f", this request needs about {qg_amount(metric, requested)}"
-    return f"{text}. It {reset}."
+    if isinstance(refusal, dict) and isinstance(refusal.get("message"), str):
+        return refusal["message"]
+    return f"QuotaGate refused this request: {qg_error_message(body)}"
 
 
 def qg_tightest(limits: Any) -> dict[str, Any] | None:
@@ -432,7 +412,6 @@ async def qg_admit(
     user: dict[str, Any],
     body: dict[str, Any],
     groups: list[str] | None,
-    now: datetime,
 ) -> dict[str, Any]:
     """Admit the request; returns QuotaGate's answer (ticket, max_tokens, limits)."""
     person = {
@@ -456,7 +435,7 @@ async def qg_admit(
     if status == 200 and answer.get("ticket"):
         return answer
     if status == 429:
-        raise QuotaGateRefused(qg_refusal_text(answer, now))
+        raise QuotaGateRefused(qg_refusal_text(answer))
     code = (answer.get("error") or {}).get("code") if isinstance(answer, dict) else None
     if status in (400, 404) or code == "model_not_allowed":
         raise QuotaGateRefused(f"QuotaGate refused this request: {qg_error_message(answer)}")
@@ -603,9 +582,10 @@ class Filter:
         ui_path = bool(meta.get("session_id") and meta.get("chat_id"))
         groups = await self._groups(user) if self.valves.send_groups else None
         try:
-            answer = await qg_admit(self.valves, user, body, groups, now)
+            answer = await qg_admit(self.valves, user, body, groups)
         except QuotaGateRefused as refused:
-            await self._emit(__event_emitter__, str(refused), done=True)
+            # only as the chat's error: Open WebUI keeps statuses emitted before the raise,
+            # and the same text in the status history would show the refusal twice
             raise Exception(str(refused)) from None
         except QuotaGateUnavailable as down:
             QG_LOG.error("QuotaGate: %s", down)

@@ -36,7 +36,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -330,33 +330,13 @@ def qg_reset(resets_at: str | None, zone: str, now: datetime, relative: bool) ->
     return text
 
 
-def qg_refusal_text(body: dict[str, Any], now: datetime) -> str:
-    """The message a person sees when QuotaGate refuses their chat."""
+def qg_refusal_text(body: dict[str, Any]) -> str:
+    """The message a person sees when QuotaGate refuses their chat: QuotaGate's own words
+    (every front door words a refusal the same way, in the limit's timezone)."""
     refusal = body.get("refusal")
-    if not isinstance(refusal, dict):
-        return f"QuotaGate refused this request: {qg_error_message(body)}"
-    metric = str(refusal.get("metric") or "tokens")
-    amount = int(refusal.get("amount") or 0)
-    used = int(refusal.get("used") or 0)
-    window = str(refusal.get("window") or "")
-    _, adjective = qg_period(window)
-    unit = qg_unit(metric)
-    reset = qg_reset(
-        refusal.get("resets_at"), str(refusal.get("timezone") or "UTC"), now, relative=True
-    )
-    limit = str(refusal.get("limit") or "quota")
-    if used >= amount:
-        head = f"You have used your {adjective} {unit} quota ({limit})"
-    else:
-        head = f"This request does not fit in your {adjective} {unit} quota ({limit})"
-    text = (
-        f"{head}: {qg_amount(metric, used)} of {qg_amount(metric, amount)} {unit} used"
-        f", {qg_amount(metric, int(refusal.get('remaining') or 0))} left"
-    )
-    requested = refusal.get("requested")
-    if isinstance(requested, int) and requested > int(refusal.get("remaining") or 0):
-        text += f", this request needs about {qg_amount(metric, requested)}"
-    return f"{text}. It {reset}."
+    if isinstance(refusal, dict) and isinstance(refusal.get("message"), str):
+        return refusal["message"]
+    return f"QuotaGate refused this request: {qg_error_message(body)}"
 
 
 def qg_tightest(limits: Any) -> dict[str, Any] | None:
@@ -431,7 +411,6 @@ async def qg_admit(
     user: dict[str, Any],
     body: dict[str, Any],
     groups: list[str] | None,
-    now: datetime,
 ) -> dict[str, Any]:
     """Admit the request; returns QuotaGate's answer (ticket, max_tokens, limits)."""
     person = {
@@ -455,7 +434,7 @@ async def qg_admit(
     if status == 200 and answer.get("ticket"):
         return answer
     if status == 429:
-        raise QuotaGateRefused(qg_refusal_text(answer, now))
+        raise QuotaGateRefused(qg_refusal_text(answer))
     code = (answer.get("error") or {}).get("code") if isinstance(answer, dict) else None
     if status in (400, 404) or code == "model_not_allowed":
         raise QuotaGateRefused(f"QuotaGate refused this request: {qg_error_message(answer)}")
@@ -532,10 +511,6 @@ def qg_observe(state: dict[str, Any], event: dict[str, Any]) -> bool:
 # ==== END QUOTAGATE CORE ====
 
 
-def _now() -> datetime:
-    return datetime.now(timezone.utc)  # noqa: UP017 - also runs on older Pythons
-
-
 def _env_flag(name: str) -> bool:
     return os.getenv(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -593,9 +568,8 @@ class Pipeline:
         meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
         if meta.get("task"):
             return body  # a background task: Open WebUI calls no outlet for it
-        now = _now()
         try:
-            answer = await qg_admit(self.valves, person, body, None, now)
+            answer = await qg_admit(self.valves, person, body, None)
         except QuotaGateRefused as refused:
             raise Exception(str(refused)) from None
         except QuotaGateUnavailable as down:

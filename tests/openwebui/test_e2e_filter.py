@@ -141,13 +141,17 @@ async def test_over_the_daily_limit_open_webui_shows_quotagates_message(world: W
     )
     assert r.status_code == 400, r.text  # F6: an inlet exception is Open WebUI's 400
     detail = r.json()["detail"]
-    assert "daily tokens quota" in detail, detail
+    assert "your daily token allowance" in detail, detail
     assert "of 10 tokens used" in detail
-    assert "resets 00:00 Europe/Berlin (in " in detail
+    assert "It resets at 00:00 Europe/Berlin (in " in detail
 
     chat = world.bob_api.ui_chat_start(MODEL, "and in the web UI?")
     message = world.bob_api.ui_chat_wait(chat)
-    assert "daily tokens quota" in message["error"]["content"]
+    shown = message["error"]["content"]
+    assert "your daily token allowance" in shown
+    # once: as the reply's error, not again in the reply's status history
+    statuses = [s.get("description") for s in message.get("statusHistory") or []]
+    assert not any("daily token allowance" in str(s) for s in statuses), statuses
     assert len(world.model_calls()) == calls  # the model was never asked
     assert await world.events(world.bob) == []
     assert await world.quotagate.pending() == 0

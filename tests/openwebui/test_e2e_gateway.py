@@ -155,10 +155,11 @@ async def test_over_the_limit_open_webui_shows_quotagates_message(world: World) 
             {"model": MODEL, "messages": [{"role": "user", "content": "hi again"}]},
         )
         assert r.status_code == 429, r.text  # Open WebUI passes the upstream's status on
-        assert "Quota exceeded" in r.text and f"user {world.bob.id} override" in r.text
+        assert "your daily token allowance" in r.text and "override" not in r.text
+        assert "It resets at 00:00 Europe/Berlin" in r.text  # the configured timezone
         chat = world.bob_api.ui_chat_start(MODEL, "and in the web UI?")
         message = world.bob_api.ui_chat_wait(chat)
-        assert "Quota exceeded" in json.dumps(message.get("error")), message
+        assert "your daily token allowance" in json.dumps(message.get("error")), message
         assert len(world.upstream.requests) == calls  # the model was never asked
     finally:
         world.quotagate.limit(Scope.USER, world.bob.id, Metric.TOKENS, "day", 100_000)

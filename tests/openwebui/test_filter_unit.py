@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import re
 import sys
 import types
 import uuid
@@ -27,7 +28,8 @@ import pytest
 from quotagate.core.limits import Metric, Scope
 from quotagate.gateway.demo import REPLY_WORDS as WORDS
 from quotagate.openwebui import FUNCTION_FILE, PIPELINE_FILE, function_source, pipeline_source
-from tests.gateway.harness import RunningGateway, running_gateway
+from tests.gateway.harness import RunningGateway, channel, running_gateway
+from tests.support.upstream import running_upstream
 
 MODEL = "demo-model"
 
@@ -373,12 +375,48 @@ async def test_refusal_raises_a_message_a_person_understands(filt: Any, gw: Runn
     with pytest.raises(Exception) as refused:
         await run(chat.inlet())
     message = str(refused.value)
-    assert "daily tokens quota (user u-bob override allowance)" in message, message
-    assert "of 40 tokens used" in message
-    assert "resets 00:00 Europe/Berlin (in " in message
+    assert message.startswith("Your daily token allowance is used up: "), message
+    assert "override" not in message  # words, not the catalog's label
+    assert "of 40 tokens used, 0 left." in message
+    assert "It resets at 00:00 Europe/Berlin (in " in message
     assert "quotagate" not in chat.metadata
-    assert chat.statuses() == [message]  # kept in the UI's status history
+    # Open WebUI shows the raised text as the reply's error and keeps every status emitted
+    # before the raise: the refusal is the error only, or the person reads it twice
+    assert chat.statuses() == []
     assert await gw.pending() == 0
+
+
+async def test_the_filter_says_what_the_gateway_says(tmp_path: Path) -> None:
+    """One wording: the Function shows the sentence a gateway-mode 429 carries, word for
+    word (the wait aside, which is counted at each call)."""
+    with (
+        running_upstream() as up,
+        running_gateway(tmp_path, [channel("main", up, [MODEL])], timezone="Europe/Berlin") as gw,
+    ):
+        gw.limit(Scope.USER, "u-dora", Metric.TOKENS, "day", 40)
+        module = load_function()
+        filt = module.Filter()
+        filt.valves = module.Filter.Valves(
+            quotagate_url=gw.root_url,
+            service_key=gw.key("openwebui", trusted_openwebui=True),
+            send_groups=False,
+        )
+        await run(_api_flow(Chat(filt, who=user("u-dora"), max_tokens=10), 30))
+        with pytest.raises(Exception) as refused:
+            await run(Chat(filt, who=user("u-dora"), max_tokens=50).inlet())
+        answer = gw.http.post(
+            f"{gw.base_url}/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hello there"}]},
+            headers={"Authorization": f"Bearer {gw.key('u-dora')}"},
+        )
+        assert answer.status_code == 429
+
+    def sentence(text: str) -> str:
+        return re.sub(r" \(in [^)]*\)", "", text)
+
+    gateway_says = answer.json()["error"]["message"]
+    assert sentence(str(refused.value)) == sentence(gateway_says), gateway_says
+    assert "00:00 Europe/Berlin" in gateway_says
 
 
 async def _api_flow(chat: Chat, completion: int) -> None:

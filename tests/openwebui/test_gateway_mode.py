@@ -87,7 +87,7 @@ async def test_limits_bind_per_person(gw: RunningGateway, upstream: RunningUpstr
     calls = len(upstream.log)
     refused = chat(gw, key, forwarded("u-2", "Bob"))
     assert refused.status_code == 429
-    assert "user u-2 override allowance" in refused.json()["error"]["message"]
+    assert "your daily token allowance" in refused.json()["error"]["message"]
     assert len(upstream.log) == calls  # the model was never asked
     assert chat(gw, key, forwarded("u-1", "Alice")).status_code == 200
 

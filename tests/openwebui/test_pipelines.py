@@ -265,8 +265,8 @@ async def test_a_refusal_reaches_open_webui_as_the_detail(
     gw.limit(Scope.USER, "u-bob", Metric.TOKENS, "day", 5)
     status, detail = call_filter(server, "inlet", inlet_body(), owui_user("u-bob"))
     assert status == 500  # the Pipelines server answers 500 {"detail": str(e)}
-    assert "You have used your daily tokens quota" in detail or "does not fit" in detail
-    assert "resets 00:00 Europe/Berlin" in detail
+    assert "your daily token allowance" in detail
+    assert "It resets at 00:00 Europe/Berlin (in " in detail
     assert await gw.pending() == 0
 
 
