@@ -91,7 +91,9 @@ class Gateway:
             failures=s.channel_failures, cooldown=s.channel_cooldown_seconds
         )
         self.auth = Authenticator(engine.catalog, s.auth_cache_seconds)
-        self.client = UpstreamClient(s.upstream_connect_timeout, s.upstream_timeout)
+        self.client = UpstreamClient(
+            s.upstream_connect_timeout, s.upstream_timeout, s.max_upstream_body_bytes
+        )
         self.metrics = Metrics()
         self.proxy = Proxy(engine, self.router, self.client, self.metrics, clock)
         self.openwebui = OpenWebUIUsers(engine, s)
