@@ -61,7 +61,7 @@ async def test_one_upstream_generation_per_admitted_request(tmp_path: Path) -> N
     stages = (*answering, "before-read", "after-read", "after-status", "mid-body")
     count = 280
     with (
-        running_raw_upstream(idle_timeout=0.005, idle_jitter=0.02) as up,
+        running_raw_upstream(idle_timeout=0.05, idle_jitter=0.1) as up,
         running_gateway(
             tmp_path, [channel("raw", up.base_url, ["m"])], channel_failures=100_000
         ) as gw,
