@@ -11,7 +11,7 @@ Content-Length, chunked and read-until-close bodies, TLS through the standard ``
 module, gzip/deflate bodies decoded up to a size cap. Connections are kept per (scheme,
 host, port) and reused. Proxies from the environment are not used.
 
-A POST is a generation the upstream pays for, so a request is never sent twice. It is sent
+A POST is a generation someone is billed for, so a request is never sent twice. It is sent
 again only when it provably never left: a pooled connection is used only if nothing
 arrived on it while idle (neither in the event loop's view nor, one ``poll`` away, in the
 socket: an unread FIN or RST), and if the write itself finds the connection dead — a

@@ -212,6 +212,25 @@ async def test_upstream_4xx_reaches_the_client_rewritten_and_scrubbed(
     )
 
 
+async def test_the_providers_429_is_the_gateways_words(raw: RawUpstream, tmp_path: Path) -> None:
+    with running_gateway(tmp_path, [channel("raw", raw.base_url, ["m"])]) as gw:
+        client = gw.client(gw.key("alice"))
+        with pytest.raises(openai.RateLimitError) as limited:
+            ask(client, "limit-429 a")  # the provider's rate limit: retry shortly
+        with pytest.raises(openai.APIStatusError) as out:
+            ask(client, "quota-429 b")  # the provider account has run out: the operator's
+        assert await gw.pending() == 0 and await gw.events() == []
+    response = limited.value.response
+    assert "org-hidden-account" not in response.text
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+    assert response.headers["retry-after"] == "2"
+    assert out.value.status_code == 502
+    assert "org-hidden-account" not in out.value.response.text
+    assert out.value.response.json()["error"]["message"] == (
+        "The upstream failed: channel raw has no quota left at the provider (HTTP 429)."
+    )
+
+
 async def test_502_names_no_internal_host(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()  # nothing listens there
     caplog.set_level("INFO")

@@ -19,6 +19,8 @@ Each request says what to do with it in its last message's content, ``"<action> 
 - ``mid-stream``: read it, send the stream's headers and two events, close;
 - ``echo-401`` / ``echo-400``: an error that quotes the request's ``Authorization`` header
   (``echo-400`` with a long message, a code and a param);
+- ``limit-429`` / ``quota-429``: the provider's rate limit (naming its account, with
+  ``retry-after: 2``), and its "insufficient_quota" (the account has run out);
 - ``gzip <tag> <bytes>``: a gzip answer that inflates to ``<bytes>`` bytes of JSON;
 - ``big <tag> <bytes>``: a plain JSON answer of ``<bytes>`` bytes;
 - ``garbage-when-idle``: answer ok, then send an unsolicited 408 on the idle connection.
@@ -175,6 +177,16 @@ class _Connection(asyncio.Protocol):
                 return
             events += [_event(tag, None), b"data: [DONE]\n\n"]
             write(b"".join(_chunk(e) for e in events) + b"0\r\n\r\n")
+            self.idle()
+        elif action in ("limit-429", "quota-429"):
+            code = "rate_limit_exceeded" if action == "limit-429" else "insufficient_quota"
+            message = "Rate limit reached in organization org-hidden-account; try in 2s."
+            data = orjson.dumps({"error": {"message": message, "type": code, "code": code}})
+            write(
+                b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                b"retry-after: 2\r\n" + PRIVATE_HEADERS
+                + b"Content-Length: %d\r\n\r\n" % len(data) + data
+            )  # fmt: skip
             self.idle()
         elif action in ("echo-401", "echo-400"):
             sent = next(
