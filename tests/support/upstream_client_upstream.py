@@ -38,6 +38,7 @@ import contextlib
 import gzip
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,18 +86,15 @@ class RawUpstream:
         return f"{self.base_url}/chat/completions"
 
     def close_idle(self) -> None:
-        """Close every connection that waits for a request, from the server's side."""
+        """Close every connection that waits for a request, from the server's side, and
+        return once their sockets are closed."""
         assert self.loop is not None
-        done = threading.Event()
-
-        def close() -> None:
-            for connection in list(self.open):
-                if not connection.buffer:
-                    connection.transport.close()
-            done.set()
-
-        self.loop.call_soon_threadsafe(close)
-        done.wait(5)
+        closing = [c for c in list(self.open) if not c.buffer]
+        for connection in closing:
+            self.loop.call_soon_threadsafe(connection.transport.close)
+        deadline = time.monotonic() + 5
+        while any(c in self.open for c in closing) and time.monotonic() < deadline:
+            time.sleep(0.005)
 
 
 class _Connection(asyncio.Protocol):
