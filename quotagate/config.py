@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     channel_cooldown_seconds: float = Field(30.0, ge=0)
     upstream_connect_timeout: float = Field(10.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0, description="per read from the upstream")
+    max_upstream_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="an upstream answer larger than this, decoded: 502"
+    )
     sweep_seconds: float = Field(30.0, gt=0, description="how often expired tickets are settled")
     access_log: bool = True
     graceful_shutdown_seconds: float = Field(30.0, ge=0)

@@ -92,7 +92,9 @@ class Gateway:
             failures=s.channel_failures, cooldown=s.channel_cooldown_seconds
         )
         self.auth = Authenticator(engine.catalog, s.auth_cache_seconds)
-        self.client = UpstreamClient(s.upstream_connect_timeout, s.upstream_timeout)
+        self.client = UpstreamClient(
+            s.upstream_connect_timeout, s.upstream_timeout, s.max_upstream_body_bytes
+        )
         self.metrics = Metrics()
         self.proxy = Proxy(engine, self.router, self.client, self.metrics, clock)
         engine.leases.clock = clock  # leases count in the time quota decisions use
@@ -209,7 +211,7 @@ class Gateway:
                 status = 200
                 await respond(send, 200, b'{"status":"ok"}')
             elif path == "/readyz":
-                status = await self._ready(send)
+                status = await self._ready(scope, send)
             elif path.startswith(QUOTA_PREFIX):
                 status = await self.quota_api.handle(scope, receive, send, entry)
             elif path == "/metrics":
@@ -298,7 +300,7 @@ class Gateway:
         await respond(send, 200, orjson.dumps(body))
         return 200
 
-    async def _ready(self, send: Send) -> int:
+    async def _ready(self, scope: Scope, send: Send) -> int:
         try:
             self.engine.catalog.version()
         except Exception as exc:
@@ -306,13 +308,29 @@ class Gateway:
                 send, 503, orjson.dumps({"status": "unavailable", "database": type(exc).__name__})
             )
             return 503
-        body = {
+        resting = self.router.resting()
+        body: dict[str, Any] = {
             "status": "ready",
-            "channels": sorted(self.router.channels),
-            "resting": sorted(self.router.resting()),
+            "channels": len(self.router.channels),
+            "resting": len(resting),
         }
+        if self._has_key(scope):
+            # names are for callers with a key (who may pin a channel by name anyway)
+            body["channel_names"] = sorted(self.router.channels)
+            body["resting_names"] = sorted(resting)
         await respond(send, 200, orjson.dumps(body))
         return 200
+
+    def _has_key(self, scope: Scope) -> bool:
+        """Whether the request carries a valid API key (a probe without one is no error)."""
+        headers = header_map(scope)
+        if b"authorization" not in headers:
+            return False
+        try:
+            self.auth.key(headers)
+        except ApiError:
+            return False
+        return True
 
 
 def _model_record(model: str) -> dict[str, Any]:

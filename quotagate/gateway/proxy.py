@@ -32,6 +32,7 @@ from quotagate.gateway.requests import UPSTREAM_PATHS, Call
 from quotagate.gateway.routing import Router
 from quotagate.gateway.sse import StreamTracker, choice_texts
 from quotagate.gateway.upstream import UpstreamClient, UpstreamFailure, UpstreamResponse
+from quotagate.gateway.upstream_errors import channel_fault, client_error, excerpt
 
 log = logging.getLogger("quotagate.gateway")
 
@@ -90,7 +91,7 @@ class Proxy:
         plan = self.router.plan(call.model, pinned, self.clock().timestamp())
         channel_refusal: Refusal | None = None
         failure: str | None = None
-        held_reply: tuple[UpstreamResponse, bytes] | None = None
+        held_reply: tuple[int, bytes, Headers] | None = None
         for attempt, channel in enumerate(plan):
             now = self.clock()
             context = AdmitContext(
@@ -140,17 +141,21 @@ class Proxy:
                 )
                 self.metrics.upstream(channel.name, time.perf_counter() - started)
                 status = response.status
-                if status >= 500:
-                    await _drain(response)
-                    raise UpstreamFailure(f"answered HTTP {status}")
                 if status != 200:
-                    data = await response.read()
+                    data = await _drain(response)
+                    fault = channel_fault(status, data)
+                    if fault is None and not 400 <= status < 500:
+                        fault = f"answered HTTP {status}"
+                    if fault is not None:  # the channel's problem, not the client's
+                        detail = f"{response.origin}: {excerpt(data, channel.api_key)}"
+                        raise UpstreamFailure(fault, detail)
                     await self.engine.cancel(ticket)
+                    reply = (status, client_error(status, data, channel.api_key))
                     if status == 429 and not last:
                         # the provider's own rate limit: another channel may have room
-                        held_reply = (response, data)
+                        held_reply = (*reply, response.headers())
                         continue
-                    await respond(send, status, data, response.headers(), response.content_type)
+                    await respond(send, *reply, response.headers())
                     return status
                 if call.stream and response.content_type.startswith(_EVENT_STREAM):
                     return await self._stream(
@@ -161,7 +166,7 @@ class Proxy:
                 await self.engine.cancel(ticket)
                 self.metrics.upstream_error(channel.name)
                 resting = self.router.failed(channel)
-                failure = f"channel {channel.name} {exc}"
+                failure = f"channel {channel.name} {exc.reason}"  # the log has the rest
                 log.warning(
                     "upstream %s failed: %s%s",
                     channel.name,
@@ -177,9 +182,8 @@ class Proxy:
             await respond(send, 200, data, headers, response.content_type)
             return 200
         if held_reply is not None:
-            response, data = held_reply
-            await respond(send, response.status, data, response.headers(), response.content_type)
-            return response.status
+            await respond(send, *held_reply)
+            return held_reply[0]
         if failure is not None:
             raise ApiError(
                 502,
@@ -341,6 +345,8 @@ async def _disconnected(receive: Receive) -> None:
             return
 
 
-async def _drain(response: UpstreamResponse) -> None:
+async def _drain(response: UpstreamResponse) -> bytes:
+    """An error answer's body, or nothing if it breaks off."""
     with contextlib.suppress(UpstreamFailure):
-        await response.read()
+        return await response.read()
+    return b""

@@ -8,15 +8,23 @@ use does not need (per-chunk stream bookkeeping, cookie jars, redirects, tracing
 docs/benchmarks.md. This client is an :class:`asyncio.Protocol` that writes each request
 with one ``write`` and parses responses with httptools (llhttp, the parser uvicorn uses):
 Content-Length, chunked and read-until-close bodies, TLS through the standard ``ssl``
-module, gzip/deflate bodies decoded. Connections are kept per (scheme, host, port) and
-reused; a reused connection that the upstream had already closed is retried once on a
-fresh one, before any byte of an answer arrived. Proxies from the environment are not
-used.
+module, gzip/deflate bodies decoded up to a size cap. Connections are kept per (scheme,
+host, port) and reused. Proxies from the environment are not used.
+
+A POST is a generation someone is billed for, so a request is never sent twice. It is sent
+again only when it provably never left: a pooled connection is used only if nothing
+arrived on it while idle (neither in the event loop's view nor, one ``poll`` away, in the
+socket: an unread FIN or RST), and if the write itself finds the connection dead — a
+transport closes at once only when its first send fails, so no byte of the request went
+out — the request goes once more on a connection opened for it. A connection that fails
+once the request was handed to the kernel is the caller's failure (the proxy moves to the
+next channel, admitted afresh): the upstream may have read the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import time
 import zlib
@@ -29,25 +37,23 @@ import httptools
 
 from quotagate.gateway.asgi import Headers
 
-#: response headers never passed on: hop-by-hop, framing the gateway redoes, and the
-#: upstream's own rate-limit headers (the client sees QuotaGate's)
-_DROP = frozenset(
+#: the upstream headers a client gets: the request's id at the provider (what its support
+#: asks for), how long the provider worked on it, and when to retry after a 429. Nothing
+#: else passes: not the provider's account (openai-organization, openai-project,
+#: anthropic-organization-id), hosts and infrastructure (server, via, cf-ray, x-envoy-*),
+#: cookies, its own rate limits (the client sees QuotaGate's) or the framing the gateway redoes
+PASSED_HEADERS = frozenset(
     {
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"content-length",
-        b"content-encoding",
-        b"content-type",
-        b"date",
-        b"server",
-        b"set-cookie",
-        b"alt-svc",
-        b"proxy-authenticate",
-        b"trailer",
-        b"upgrade",
+        b"x-request-id",
+        b"request-id",
+        b"openai-processing-ms",
+        b"openai-version",
+        b"retry-after",
+        b"retry-after-ms",
     }
 )
+#: what the upstream may send at most of one answer, decoded (``max_upstream_body_bytes``)
+MAX_BODY = 64 * 1024 * 1024
 #: an idle connection older than this is not reused (servers close idle connections after
 #: a few seconds; uvicorn, which vLLM and many others run on, after 5)
 IDLE_SECONDS = 4.0
@@ -56,7 +62,16 @@ HIGH_WATER = 1 << 20
 
 
 class UpstreamFailure(Exception):
-    """The upstream could not be reached, timed out or dropped the connection."""
+    """The upstream could not be reached, timed out, dropped the connection or sent an
+    answer the gateway cannot use.
+
+    ``str()`` is for the log and may name the upstream's host; ``reason`` is what a client
+    may be told (a verb phrase naming nothing internal: "closed the connection").
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,11 @@ class _Target:
     path: bytes
     host_header: bytes
 
+    @property
+    def origin(self) -> str:
+        """host:port, for the log (never for a client)"""
+        return f"{self.host}:{self.port}"
+
 
 class _Connection(asyncio.Protocol):
     """One TCP (or TLS) connection and the response being read on it."""
@@ -75,8 +95,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: tuple[str, str, int]) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.fd = -1
         self.closed = False
-        self.reused = False
+        self.idle = False
         self.idle_since = 0.0
         self.parser = httptools.HttpResponseParser(self)
         self.begin()
@@ -89,7 +110,6 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.delimited = False  # the body has a length or chunked framing
-        self.received = False
         self.body: list[bytes] = []
         self.buffered = 0
         self.paused = False
@@ -99,13 +119,20 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
-        self.received = True
+        if self.idle:
+            # nothing is asked on an idle connection: whatever this is (a 408, garbage),
+            # the connection cannot carry a request any more
+            self.drop()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self.fail("the upstream sent an invalid HTTP response")
+            self.fail("sent an invalid HTTP response")
             self.drop()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -115,7 +142,7 @@ class _Connection(asyncio.Protocol):
         if self.headers_done and not self.delimited:
             self.on_message_complete()  # a body that ends when the connection does
         else:
-            self.fail("the upstream closed the connection")
+            self.fail("closed the connection")
 
     # -- httptools callbacks ---------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -144,15 +171,44 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         self.wake()
 
+    # -- sending ---------------------------------------------------------------------------
+    def usable(self) -> bool:
+        """Whether this idle connection can carry a request: not closed, and nothing came
+        in while it was idle — neither seen by the event loop nor waiting unread in the
+        socket (a FIN or RST the loop has not got to yet: one ``poll`` that does not wait).
+        """
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return False
+        if self.fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return not poller.poll(0)
+
+    def send(self, request: bytes) -> bool:
+        """Write the request. False if the write found the connection dead: a transport
+        closes during ``write`` only when its first send fails, so then no byte of the
+        request left. (Bytes it could not send at once are queued; if they fail later the
+        upstream may have read some, and the answer's wait fails instead.)"""
+        transport = self.transport
+        assert transport is not None
+        self.idle = False
+        transport.write(request)
+        if transport.is_closing():
+            self.closed = True
+            return False
+        return True
+
     # -- waiting ---------------------------------------------------------------------------
     def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def fail(self, message: str) -> None:
+    def fail(self, reason: str) -> None:
         if self.error is None:
-            self.error = UpstreamFailure(message)
+            self.error = UpstreamFailure(reason)
         self.wake()
 
     async def wait(self, timeout: float) -> None:
@@ -191,52 +247,70 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    def __init__(self, client: UpstreamClient, connection: _Connection) -> None:
+    """One answer. Its status and headers are taken when they arrive: once the body is
+    read the connection serves other requests, and their answers' headers."""
+
+    def __init__(self, client: UpstreamClient, connection: _Connection, origin: str) -> None:
         self._client = client
         self._connection = connection
         self._done = False
+        self._size = 0  # decoded bytes so far
         self.status = connection.status
-        encoding = next((v for k, v in connection.headers if k == b"content-encoding"), b"")
-        encoding = encoding.strip().lower()
+        #: host:port of the upstream, for the log only
+        self.origin = origin
+        self.content_type = b"application/json"
+        self._headers: Headers = []
+        encoding = b""
+        for name, value in connection.headers:
+            if name in PASSED_HEADERS:
+                self._headers.append((name, value))
+            elif name == b"content-type":
+                self.content_type = value
+            elif name == b"content-encoding":
+                encoding = value.strip().lower()
         self._decoder: Any = None
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # gzip or zlib, by their header
 
-    @property
-    def content_type(self) -> bytes:
-        for name, value in self._connection.headers:
-            if name == b"content-type":
-                return value
-        return b"application/json"
-
     def headers(self) -> Headers:
-        """The upstream's headers worth passing on (lower-case names)."""
-        return [
-            (name, value)
-            for name, value in self._connection.headers
-            if name not in _DROP and not name.startswith(b"x-ratelimit")
-        ]
+        """The upstream's headers a client gets (:data:`PASSED_HEADERS`; a new list)."""
+        return list(self._headers)
 
     def _decode(self, data: bytes) -> bytes:
-        if self._decoder is None:
-            return data
-        try:
-            return bytes(self._decoder.decompress(data))
-        except zlib.error:
-            raise UpstreamFailure("the upstream sent a body that does not decompress") from None
+        """The body's next bytes as sent to the client: decompressed, and never more in
+        all than the client's limit (a 200 KB gzip body can inflate to gigabytes)."""
+        limit = self._client.max_body_bytes
+        if self._decoder is not None:
+            try:
+                # at most one byte past the limit: enough to know it was passed
+                data = self._decoder.decompress(data, limit - self._size + 1)
+            except zlib.error:
+                raise UpstreamFailure("sent a body that does not decompress") from None
+        self._size += len(data)
+        if self._size > limit:
+            raise UpstreamFailure(
+                "sent an answer larger than the gateway accepts",
+                f"more than max_upstream_body_bytes={limit} bytes",
+            )
+        return data
 
     async def read(self) -> bytes:
+        """The whole body (taken as it arrives, so a large one never stalls the reading)."""
         connection = self._connection
         timeout = self._client.read_timeout
+        parts: list[bytes] = []
         try:
-            while not connection.complete:
+            while True:
+                if connection.body:
+                    parts.append(self._decode(connection.take()))
+                if connection.complete:
+                    break
                 await connection.wait(timeout)
         except UpstreamFailure:
             self.close()
             raise
-        data = self._decode(connection.take())
         self._finish()
-        return data
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives."""
@@ -276,9 +350,15 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    def __init__(self, connect_timeout: float = 10.0, read_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 600.0,
+        max_body_bytes: int = MAX_BODY,
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.max_body_bytes = max_body_bytes
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._targets: dict[str, _Target] = {}
         self._tls: ssl.SSLContext | None = None
@@ -288,7 +368,9 @@ class UpstreamClient:
         if target is None:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise UpstreamFailure(f"unsupported upstream URL scheme {parts.scheme!r}")
+                raise UpstreamFailure(
+                    "has an unusable URL", f"unsupported upstream URL scheme {parts.scheme!r}"
+                )
             tls = parts.scheme == "https"
             port = parts.port or (443 if tls else 80)
             default = port == (443 if tls else 80)
@@ -308,15 +390,19 @@ class UpstreamClient:
             self._targets[url] = target
         return target
 
-    async def _connect(self, target: _Target) -> _Connection:
+    def _pooled(self, target: _Target) -> _Connection | None:
+        """An idle connection to `target` that can carry a request, if there is one."""
         idle = self._idle.get(target.pool)
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < IDLE_SECONDS:
-                connection.reused = True
+            if now - connection.idle_since < IDLE_SECONDS and connection.usable():
                 return connection
             connection.drop()
+        return None
+
+    async def _open(self, target: _Target) -> _Connection:
+        """A new connection (never a pooled one)."""
         if target.tls and self._tls is None:
             self._tls = ssl.create_default_context()
         loop = asyncio.get_running_loop()
@@ -332,11 +418,11 @@ class UpstreamClient:
                 self.connect_timeout,
             )
         except TimeoutError:
-            raise UpstreamFailure(f"timed out connecting to {target.host}:{target.port}") from None
+            raise UpstreamFailure("timed out", f"connecting to {target.origin}") from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise UpstreamFailure(
-                f"cannot connect to {target.host}:{target.port} ({reason})"
+                "could not be reached", f"cannot connect to {target.origin}: {reason}"
             ) from None
         return connection
 
@@ -345,6 +431,7 @@ class UpstreamClient:
             connection.drop()
             return
         connection.begin()
+        connection.idle = True
         connection.idle_since = time.monotonic()
         self._idle.setdefault(connection.pool, []).append(connection)
 
@@ -364,21 +451,20 @@ class UpstreamClient:
             head += [b"Authorization: Bearer ", api_key.encode("latin-1"), b"\r\n"]
         head.append(b"\r\n")
         request = b"".join(head) + body
-        for attempt in (1, 2):
-            connection = await self._connect(target)
-            assert connection.transport is not None
-            connection.transport.write(request)
-            try:
-                while not connection.headers_done:
-                    await connection.wait(self.read_timeout)
-            except UpstreamFailure:
-                stale = connection.reused and not connection.received
-                connection.drop()
-                if stale and attempt == 1:
-                    continue  # the upstream had closed the idle connection: once more
-                raise
-            return UpstreamResponse(self, connection)
-        raise AssertionError("unreachable")  # pragma: no cover
+        connection = self._pooled(target) or await self._open(target)
+        if not connection.send(request):
+            # provably unsent (see send): once more, on a connection of its own
+            connection = await self._open(target)
+            if not connection.send(request):
+                raise UpstreamFailure("closed the connection", f"{target.origin}, twice")
+        try:
+            while not connection.headers_done:
+                await connection.wait(self.read_timeout)
+        except UpstreamFailure:
+            # the upstream may have read the request: never sent again (the caller decides)
+            connection.drop()
+            raise
+        return UpstreamResponse(self, connection, target.origin)
 
     async def close(self) -> None:
         for connections in self._idle.values():

@@ -27,7 +27,7 @@ async def test_health_and_readiness(gw: RunningGateway) -> None:
     assert gw.http.get(f"{gw.root_url}/healthz").json() == {"status": "ok"}
     ready = gw.http.get(f"{gw.root_url}/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "channels": ["main"], "resting": []}
+    assert ready.json() == {"status": "ready", "channels": 1, "resting": 0}
     # a database that cannot be reached makes the gateway unready
     catalog = gw.gateway.engine.catalog
     working, catalog.db = catalog.db, sa.create_engine("sqlite:////nonexistent-dir/x.db")
