@@ -252,8 +252,6 @@ class Gateway:
         headers = header_map(scope)
         key = self.auth.key(headers)
         entry["key"] = key.id
-        user, role = self.openwebui.charged(key, headers)
-        entry["user"] = user
         raw = await read_body(receive, headers, self.settings.max_body_bytes)
         call = parse(endpoint, raw, self.engine.counter)
         entry["model"] = call.model
@@ -263,10 +261,13 @@ class Gateway:
         pinned = pin.decode("latin-1").strip() if pin else None
         if pinned is None and not self.router.serves(call.model):
             raise model_not_found(call.model)
+        # only a request that is valid may create or update its user
+        user, role = self.openwebui.charged(key, headers)
+        entry["user"] = user
         try:
             return await self.proxy.call(call, user, role, key.id, pinned, receive, send, outcome)
         except InvalidInput as exc:
-            raise bad_request(str(exc)) from None
+            raise bad_request(str(exc), exc.param) from None
         except UnknownModel as exc:
             raise ApiError(
                 404, str(exc), "invalid_request_error", "model_not_priced", "model"

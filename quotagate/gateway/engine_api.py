@@ -239,7 +239,7 @@ class QuotaApi:
         except QuotaExceeded as exc:
             return await self._refuse(send, exc.refusal, entry)
         except InvalidInput as exc:
-            raise bad_request(str(exc)) from None
+            raise bad_request(str(exc), exc.param) from None
         except UnknownModel as exc:
             raise ApiError(404, str(exc), "invalid_request_error", "model_not_priced") from None
         except UnknownTicket as exc:
@@ -287,22 +287,21 @@ class QuotaApi:
             req.user.name,
             clean_groups(req.user.groups) if req.user.groups is not None else None,
         )
-        role = self.users.sync(person)
         now = self.clock()
-        before = await self._limits(user_id, now) if req.status else None
-        ticket = await self.engine.admit(
-            AdmitContext(
-                user=user_id,
-                model=req.model,
-                messages=req.messages,
-                prompt=req.prompt,
-                prompt_tokens=req.prompt_tokens,
-                max_tokens=req.max_tokens,
-                key_id=key.id,
-                role=role,
-            ),
-            now=now,
+        context = AdmitContext(
+            user=user_id,
+            model=req.model,
+            messages=req.messages,
+            prompt=req.prompt,
+            prompt_tokens=req.prompt_tokens,
+            max_tokens=req.max_tokens,
+            key_id=key.id,
         )
+        # a request refused as invalid must not create or update the user: check it first
+        context.prompt_tokens = self.engine.check(context, now=now)
+        context.role = role = self.users.sync(person)
+        before = await self._limits(user_id, now) if req.status else None
+        ticket = await self.engine.admit(context, now=now)
         return AdmitOut(
             ticket=ticket.id,
             user=user_id,

@@ -25,6 +25,7 @@ from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Limit, Metric, Scope, check_amount
 from quotagate.core.policy import Policy, Pool, User
 from quotagate.core.pricing import Price
+from quotagate.core.text import check_name
 from quotagate.core.windows import parse_window
 from quotagate.store import schema as t
 
@@ -493,8 +494,7 @@ def _tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def _check_name(value: str, what: str) -> None:
-    if not isinstance(value, str) or not value.strip() or len(value) > 255 or "|" in value:
-        raise InvalidInput(f"{what} must be 1-255 characters without '|': {value!r}")
+    check_name(value, what)
 
 
 def _decimal(value: object, what: str) -> Decimal:
