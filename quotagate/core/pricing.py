@@ -143,10 +143,21 @@ def price_from_record(record: Any, effective_from: datetime | None = None) -> Pr
             per_cached_tokens=_per(record, "per_cached_tokens"),
             effective_from=effective_from,
         )
+    except InvalidInput as exc:
+        message = str(exc)
+        for field, name in _RECORD_NAMES.items():  # say it as the price file does
+            message = message.replace(field, name)
+        raise InvalidInput(message) from None
     except (TypeError, ValueError, ArithmeticError) as exc:
-        if isinstance(exc, InvalidInput):
-            raise
         raise InvalidInput(f"price entry {record.get('id')!r}: {exc}") from exc
+
+
+#: Price's fields as a price list names them
+_RECORD_NAMES = {
+    "input_credits": "input_cost_credits",
+    "output_credits": "output_cost_credits",
+    "cached_credits": "cached_cost_credits",
+}
 
 
 def price_to_record(price: Price, *, exact: bool = False) -> dict[str, Any]:

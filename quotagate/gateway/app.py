@@ -21,6 +21,7 @@ import orjson
 
 from quotagate.config import Settings
 from quotagate.core.errors import InvalidInput, StoreUnavailable, UnknownModel
+from quotagate.core.text import shown_repr
 from quotagate.engine import Engine
 from quotagate.gateway.asgi import (
     ClientGone,
@@ -223,7 +224,7 @@ class Gateway:
         except ClientGone:
             status = 499
         except Exception:
-            log.exception("unexpected error on %s %s", method, path)
+            log.exception("unexpected error on %s %s", method, shown_repr(path))
             status = 500
             await respond_error(
                 send,
