@@ -27,6 +27,7 @@ from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Limit, Metric, Scope, format_amount
 from quotagate.core.windows import parse_window
 from quotagate.engine import Engine
+from quotagate.store.catalog import KEY_PREFIX
 
 limits_app = typer.Typer(no_args_is_help=True, help="Allowances and caps per window.")
 users_app = typer.Typer(no_args_is_help=True, help="Users, their role and their groups.")
@@ -400,6 +401,9 @@ def wallet_show(
 def _check_subject(ctx: typer.Context, engine: Engine, scope: Scope, target: str) -> None:
     """A cap on a key, channel or pool that does not exist would silently bind nothing
     (a typo, or a key named by its secret instead of its id): refuse it."""
+    if scope is Scope.KEY and target.startswith(KEY_PREFIX):
+        key_id = target.removeprefix(KEY_PREFIX).split("-")[0]
+        raise InvalidInput(f"--key takes a key's id, not its secret: use {key_id!r}")
     api_keys = engine.catalog.keys() if scope is Scope.KEY else []
     if scope is Scope.KEY and target not in {k.id for k in api_keys}:
         raise InvalidInput(
