@@ -28,22 +28,27 @@ _TEXT_FIELDS = ("name", "tool_call_id", "refusal")
 
 def check_messages(messages: object, param: str = "messages") -> Sequence[Mapping[str, Any]]:
     """`messages` if it is a list of well-formed chat messages, else an InvalidInput that
-    names the offending field in its `param`."""
-    if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
+    names the offending field in its `param`. (It runs on every chat request: the common
+    message, a role and text content, is checked without a call.)"""
+    if not isinstance(messages, list) and (
+        not isinstance(messages, Sequence) or isinstance(messages, str | bytes)
+    ):
         raise InvalidInput(f"'{param}' must be an array of message objects.", param)
     for index, message in enumerate(messages):
-        _message(message, f"{param}[{index}]")
+        if not isinstance(message, dict) and not isinstance(message, Mapping):
+            raise _invalid(f"{param}[{index}]", "must be an object with a role and content")
+        role = message.get("role")
+        if type(role) is not str or role not in ROLES:
+            names = ", ".join(sorted(ROLES))
+            raise _invalid(f"{param}[{index}].role", f"must be one of {names}, got {_brief(role)}")
+        content = message.get("content")
+        if type(content) is not str or len(message) > 2:
+            _rest(message, role, content, f"{param}[{index}]")
     return messages
 
 
-def _message(message: object, at: str) -> None:
-    if not isinstance(message, Mapping):
-        raise _invalid(at, "must be an object with a role and content")
-    role = message.get("role")
-    if not isinstance(role, str) or role not in ROLES:
-        names = ", ".join(sorted(ROLES))
-        raise _invalid(f"{at}.role", f"must be one of {names}, got {_brief(role)}")
-    content = message.get("content")
+def _rest(message: Mapping[str, Any], role: str, content: object, at: str) -> None:
+    """Everything of a message but its role: content parts, names, tool calls."""
     if isinstance(content, list):
         for index, part in enumerate(content):
             _part(part, f"{at}.content[{index}]")
