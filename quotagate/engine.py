@@ -35,7 +35,7 @@ from quotagate.core.limits import ABSURD, Limit, Metric, Scope, check_amount
 from quotagate.core.messages import check_messages
 from quotagate.core.policy import Policy, User
 from quotagate.core.pricing import Price, Usage, price_from_record, price_to_record
-from quotagate.core.text import check_name, shown
+from quotagate.core.text import check_name, shown, shown_repr
 from quotagate.core.tokens import TokenCounter
 from quotagate.core.windows import Window, parse_window
 from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent
@@ -592,7 +592,12 @@ class Engine:
                 event = await self._expire_as_held(stored, at, exc)
             if event is None or event.status == "settled":
                 continue  # settled since `expired` listed it: not ours to report
-            log.warning("ticket %s of %s expired: %s", event.ticket_id, event.user_id, event.status)
+            log.warning(
+                "ticket %s of %s expired: %s",
+                event.ticket_id,
+                shown_repr(event.user_id),
+                event.status,
+            )
             events.append(event)
         return events
 

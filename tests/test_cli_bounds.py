@@ -182,3 +182,10 @@ def test_sweep_goes_past_a_poisoned_ticket_without_a_traceback(db: Path) -> None
     assert normal
     assert "no expired tickets" in ok(db, "sweep").stdout
     ok(db, "reconcile", "--check")
+
+
+def test_a_group_multiplier_is_bounded_like_a_price(db: Path) -> None:
+    before = snapshot(db), as_json(db, "groups", "list", "--format", "json")
+    refused(cli(db, "groups", "multiplier", "research", "1e9"), 2, "at most 1,000,000")
+    assert (snapshot(db), as_json(db, "groups", "list", "--format", "json")) == before
+    ok(db, "groups", "multiplier", "research", "0.5")

@@ -21,8 +21,10 @@ from quotagate.core.text import MAX_NAME, check_name
 #: token, so every cost the engine computes fits a 64-bit column (it bounds the products
 #: on top, see :meth:`Price.cost`).
 MAX_CREDITS_PER_TOKEN = 10**9
-#: Characters of decimal text a price is stored as.
+#: Characters of decimal text a price (or a group's multiplier) is stored as.
 PRICE_DIGITS = 32
+#: The most a group's multiplier may scale a price by.
+MAX_MULTIPLIER = 10**6
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Limit, Metric, Scope, check_amount
 from quotagate.core.policy import Policy, Pool, User
-from quotagate.core.pricing import Price
+from quotagate.core.pricing import MAX_MULTIPLIER, PRICE_DIGITS, Price
 from quotagate.core.text import check_name
 from quotagate.core.windows import parse_window
 from quotagate.store import schema as t
@@ -197,6 +197,11 @@ class Catalog:
 
     def set_multiplier(self, group: str, multiplier: Decimal | str | float) -> None:
         value = _decimal(multiplier, "multiplier")
+        if value > MAX_MULTIPLIER or len(str(value)) > PRICE_DIGITS:
+            raise InvalidInput(
+                f"multiplier must be at most {MAX_MULTIPLIER:,} in {PRICE_DIGITS} characters, "
+                f"got {value}"
+            )
         with self.db.begin() as conn:
             self._ensure_group(conn, group)
             conn.execute(
