@@ -442,3 +442,34 @@ async def test_a_refused_admit_neither_creates_nor_updates_the_user(make_engine:
         with pytest.raises((InvalidInput, LookupError)):
             engine.check(context, now=T0)
     assert await everything(engine) == before
+
+
+async def test_a_price_stored_before_prices_were_bounded_is_ignored_not_fatal(
+    make_engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Older versions let `prices import` store 1e300 credits: such a row must not make every
+    request fail once prices are validated on reading."""
+    import sqlalchemy as sa
+
+    from quotagate.store import schema
+
+    engine = make_engine()
+    engine.catalog.add_price(gpt4o())
+    with engine.catalog.db.begin() as conn:
+        conn.execute(
+            sa.insert(schema.prices).values(
+                model="gpt-4o-mini",
+                input_credits="1E+300",
+                per_input_tokens=1_000_000,
+                output_credits="1",
+                per_output_tokens=1_000_000,
+                effective_from=0.0,
+            )
+        )
+    engine.refresh()
+    with caplog.at_level(logging.ERROR, logger="quotagate.catalog"):
+        assert [p.model for p in engine.catalog.prices()] == ["gpt-4o"]
+        for model in ("gpt-4o", "gpt-4o-mini"):  # the second at the default price
+            ticket = await engine.admit(AdmitContext(user="alice", model=model), now=T0)
+            await engine.settle(ticket, Usage(10, 10), now=T0)
+    assert "unusable and ignored" in caplog.text

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from quotagate.core.pricing import MAX_MULTIPLIER, PRICE_DIGITS, Price
 from quotagate.core.text import check_name
 from quotagate.core.windows import parse_window
 from quotagate.store import schema as t
+
+log = logging.getLogger("quotagate.catalog")
 
 KEY_PREFIX = "qg-"
 #: how often to try creating a user that other processes may be creating at the same time
@@ -324,21 +327,30 @@ class Catalog:
             rows = conn.execute(
                 sa.select(t.prices).order_by(t.prices.c.effective_from, t.prices.c.id)
             ).all()
-        return [
-            Price(
-                model=r.model,
-                provider=r.provider,
-                name=r.name,
-                input_credits=Decimal(r.input_credits),
-                per_input_tokens=r.per_input_tokens,
-                output_credits=Decimal(r.output_credits),
-                per_output_tokens=r.per_output_tokens,
-                cached_credits=None if r.cached_credits is None else Decimal(r.cached_credits),
-                per_cached_tokens=r.per_cached_tokens,
-                effective_from=datetime.fromtimestamp(r.effective_from, UTC),
-            )
-            for r in rows
-        ]
+        found = []
+        for r in rows:
+            try:
+                found.append(
+                    Price(
+                        model=r.model,
+                        provider=r.provider,
+                        name=r.name,
+                        input_credits=Decimal(r.input_credits),
+                        per_input_tokens=r.per_input_tokens,
+                        output_credits=Decimal(r.output_credits),
+                        per_output_tokens=r.per_output_tokens,
+                        cached_credits=(
+                            None if r.cached_credits is None else Decimal(r.cached_credits)
+                        ),
+                        per_cached_tokens=r.per_cached_tokens,
+                        effective_from=datetime.fromtimestamp(r.effective_from, UTC),
+                    )
+                )
+            except (InvalidInput, ArithmeticError) as exc:
+                # a row stored before prices were bounded (1e300 credits, say) must not
+                # stop every request: it is left out, and said so, until an admin fixes it
+                log.error("price row %s is unusable and ignored (%s); set it again", r.id, exc)
+        return found
 
     def current_prices(self, at: datetime | None = None) -> list[Price]:
         moment = at or datetime.now(UTC)
