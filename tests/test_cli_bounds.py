@@ -189,3 +189,8 @@ def test_a_group_multiplier_is_bounded_like_a_price(db: Path) -> None:
     refused(cli(db, "groups", "multiplier", "research", "1e9"), 2, "at most 1,000,000")
     assert (snapshot(db), as_json(db, "groups", "list", "--format", "json")) == before
     ok(db, "groups", "multiplier", "research", "0.5")
+
+
+def test_a_key_name_longer_than_its_column_is_refused(db: Path) -> None:
+    refused(cli(db, "keys", "create", "--user", "alice", "--name", "k" * 300), 2, "key name")
+    assert as_json(db, "keys", "list", "--format", "json") == []

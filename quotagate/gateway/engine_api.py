@@ -82,7 +82,9 @@ class UserIn(_In):
 class AdmitIn(_In):
     user: UserIn
     model: str = Field(min_length=1, max_length=255)
-    messages: list[dict[str, Any]] | None = Field(None, description="OpenAI chat messages")
+    messages: list[Any] | None = Field(
+        None, description="OpenAI chat messages (checked as OpenAI checks them)"
+    )
     prompt: str | None = Field(None, description="a prompt text instead of messages")
     prompt_tokens: int | None = Field(None, ge=0, description="prompt tokens already counted")
     max_tokens: int | None = Field(

@@ -370,6 +370,8 @@ class Catalog:
         trusted_openwebui: bool = False,
     ) -> tuple[ApiKey, str]:
         """Create a key; returns it with its secret, which is never stored nor shown again."""
+        if name:
+            check_name(name, "key name", allow_bar=True)
         self.ensure_user(user_id)
         key_id = secrets.token_hex(6)
         secret = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(24)}"

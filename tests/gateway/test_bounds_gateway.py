@@ -32,6 +32,7 @@ MALFORMED: list[tuple[list[Any], str]] = [
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text"),
     ([{"role": "robot", "content": "hi"}], "messages[0].role"),
     ([{"role": "user", "content": {"text": "hi"}}], "messages[0].content"),
+    (["hi"], "messages[0]"),
 ]
 
 
