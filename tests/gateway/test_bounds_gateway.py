@@ -250,3 +250,34 @@ def test_well_formed_tool_conversations_still_pass(
     )
     assert answer.choices[0].message.content
     assert upstream.requests[-1]["messages"] == messages
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "demo-model", "messages": []},
+        {**CHAT, "max_tokens": -1},
+        {**CHAT, "messages": [TOOL_CALL_AS_TEXT]},
+        {**CHAT, "model": "no-such-model"},
+    ],
+)
+async def test_a_refused_gateway_mode_request_creates_no_user(
+    quiet: RunningGateway, upstream: RunningUpstream, body: dict[str, Any]
+) -> None:
+    """Open WebUI's forwarded headers name a person; a request refused before admission
+    must not create that person (or change their email) in the catalog."""
+    key, _ = quota_api(quiet)
+    before = catalog_state(quiet)
+    response = quiet.http.post(
+        f"{quiet.base_url}/chat/completions",
+        json=body,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-OpenWebUI-User-Id": "u-new",
+            "X-OpenWebUI-User-Email": "new@example.com",
+            "X-OpenWebUI-User-Role": "admin",
+        },
+    )
+    assert response.status_code in (400, 404), response.text
+    assert catalog_state(quiet) == before
+    await assert_untouched(quiet, upstream)
