@@ -150,6 +150,7 @@ def test_user_ids_with_control_characters_are_refused(db: Path, user: str) -> No
     refused(cli(db, "users", "set-role", user, "admin"), 2, "control characters")
     refused(cli(db, "limits", "set", "--user", user, "10"), 2, "control characters")
     refused(cli(db, "wallet", "top-up", user, "10"), 2, "control characters")
+    refused(cli(db, "users", "set-role", "alice", user), 2, "control characters")  # a role
     assert snapshot(db) == before
 
 

@@ -25,6 +25,7 @@ from quotagate.admin.common import (
 )
 from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Limit, Metric, Scope, format_amount
+from quotagate.core.text import check_name
 from quotagate.core.windows import parse_window
 from quotagate.engine import Engine
 from quotagate.store.catalog import KEY_PREFIX
@@ -425,5 +426,4 @@ def _check_subject(ctx: typer.Context, engine: Engine, scope: Scope, target: str
 
 
 def _check_name(value: str, what: str) -> None:
-    if not value.strip() or len(value) > 64 or "|" in value:
-        raise InvalidInput(f"{what} must be 1-64 characters without '|': {value!r}")
+    check_name(value, what, max_length=64)
