@@ -43,6 +43,12 @@ def check_name(
     return value
 
 
+def printable(text: str) -> str:
+    """`text` without its control, format and separator characters (for what is only
+    informative, such as a display name, and is kept rather than refused)."""
+    return text if text.isprintable() else "".join(c for c in text if c.isprintable())
+
+
 def shown(text: str, limit: int = MAX_SHOWN) -> str:
     """`text` shortened to about `limit` characters for an error message or a log line."""
     if len(text) <= limit:

@@ -43,6 +43,7 @@ from quotagate.core.errors import (
     UnknownTicket,
 )
 from quotagate.core.pricing import Usage
+from quotagate.core.text import printable
 from quotagate.engine import AdmitContext, Engine, LimitStatus, Ticket
 from quotagate.gateway.asgi import Receive, Scope, Send, header_map, read_body, respond
 from quotagate.gateway.auth import Authenticator
@@ -285,8 +286,8 @@ class QuotaApi:
         person = Person(
             user_id,
             req.user.role,
-            req.user.email,
-            req.user.name,
+            printable(req.user.email) if req.user.email else None,
+            printable(req.user.name) if req.user.name else None,
             clean_groups(req.user.groups) if req.user.groups is not None else None,
         )
         now = self.clock()

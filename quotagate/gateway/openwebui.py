@@ -27,7 +27,7 @@ from urllib.parse import unquote
 
 from quotagate.config import Settings
 from quotagate.core.errors import InvalidInput
-from quotagate.core.text import MAX_NAME, check_name
+from quotagate.core.text import MAX_NAME, check_name, printable
 from quotagate.engine import Engine
 from quotagate.gateway.errors import ApiError
 from quotagate.store.catalog import ApiKey
@@ -72,8 +72,7 @@ def clean_groups(groups: Sequence[str]) -> tuple[str, ...]:
     found = set()
     for name in groups:
         if isinstance(name, str):
-            printable = name if name.isprintable() else "".join(c for c in name if c.isprintable())
-            cleaned = printable.strip().replace("|", "/")[:MAX_NAME].strip()
+            cleaned = printable(name).strip().replace("|", "/")[:MAX_NAME].strip()
             if cleaned:
                 found.add(cleaned)
     return tuple(sorted(found))
@@ -92,7 +91,7 @@ def forwarded_person(headers: dict[bytes, bytes]) -> Person | None:
             return None
         decoded = value.decode("utf-8", "replace").strip()
         # Open WebUI sends the name URL-quoted (urllib.parse.quote(name, safe=" "))
-        return (unquote(decoded) if quoted else decoded) or None
+        return printable(unquote(decoded) if quoted else decoded) or None
 
     return Person(user, text(USER_ROLE), text(USER_EMAIL), text(USER_NAME, quoted=True))
 

@@ -281,3 +281,25 @@ async def test_a_refused_gateway_mode_request_creates_no_user(
     assert response.status_code in (400, 404), response.text
     assert catalog_state(quiet) == before
     await assert_untouched(quiet, upstream)
+
+
+async def test_display_names_and_emails_lose_their_control_characters(
+    gw: RunningGateway,
+) -> None:
+    """Names and emails only inform (`users list`): kept, but never with a line break."""
+    key, http = quota_api(gw)
+    response = http.post(
+        f"{gw.base_url}/chat/completions",
+        json={**CHAT, "max_tokens": 2},
+        headers={
+            "Authorization": f"Bearer {key}",
+            "X-OpenWebUI-User-Id": "u-eve",
+            "X-OpenWebUI-User-Name": "Eve%0AINFO forged",  # Open WebUI URL-quotes names
+        },
+    )
+    assert response.status_code == 200, response.text
+    person = {"id": "u-mal", "name": "Mal\r\nlory", "email": "mal\n@example.com"}
+    assert admit(gw, key, person, messages=CHAT["messages"]).status_code == 200
+    users = {u.id: u for u in gw.engine.catalog.users()}
+    assert users["u-eve"].name == "EveINFO forged"
+    assert (users["u-mal"].name, users["u-mal"].email) == ("Mallory", "mal@example.com")
