@@ -195,3 +195,12 @@ def test_a_group_multiplier_is_bounded_like_a_price(db: Path) -> None:
 def test_a_key_name_longer_than_its_column_is_refused(db: Path) -> None:
     refused(cli(db, "keys", "create", "--user", "alice", "--name", "k" * 300), 2, "key name")
     assert as_json(db, "keys", "list", "--format", "json") == []
+
+
+def test_an_absurd_default_price_is_a_configuration_error(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The price of unpriced models is bounded like any price: refused when the settings are
+    read, not on every request."""
+    monkeypatch.setenv("QUOTAGATE_DEFAULT_OUTPUT_CREDITS", "1e300")
+    refused(cli(db, "status", "alice"), 1, "QUOTAGATE_DEFAULT_OUTPUT_CREDITS")
