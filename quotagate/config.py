@@ -71,8 +71,13 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(600.0, gt=0, description="how long a ticket may stay open")
     on_expiry: Literal["charge", "release"] = "charge"
     unknown_models: Literal["default_price", "refuse"] = "default_price"
-    default_input_credits: Decimal = Field(Decimal(10_000), description="per 1M input tokens")
-    default_output_credits: Decimal = Field(Decimal(30_000), description="per 1M output tokens")
+    # at most a billion credits per token, the bound of every price (core.pricing)
+    default_input_credits: Decimal = Field(
+        Decimal(10_000), ge=0, le=10**15, allow_inf_nan=False, description="per 1M input tokens"
+    )
+    default_output_credits: Decimal = Field(
+        Decimal(30_000), ge=0, le=10**15, allow_inf_nan=False, description="per 1M output tokens"
+    )
     credits_per_usd: Decimal = Field(Decimal(1000), gt=0)
     default_daily_tokens: int = Field(100_000, ge=0, description="set by `quotagate init`")
     bytes_per_token: float = Field(3.0, gt=0, description="offline token estimate")

@@ -28,12 +28,15 @@ from quotagate.core.errors import (
     InvalidInput,
     QuotaExceeded,
     Refusal,
+    StoreUnavailable,
     UnknownModel,
     UnknownTicket,
 )
-from quotagate.core.limits import Limit, Metric, Scope, check_amount
+from quotagate.core.limits import ABSURD, Limit, Metric, Scope, check_amount
+from quotagate.core.messages import check_messages
 from quotagate.core.policy import Policy, User
 from quotagate.core.pricing import Price, Usage, price_from_record, price_to_record
+from quotagate.core.text import check_name, shown, shown_repr
 from quotagate.core.tokens import TokenCounter
 from quotagate.core.windows import Window, parse_window
 from quotagate.leases import LeaseKeeper
@@ -191,6 +194,8 @@ class Engine:
         self._releasing: set[asyncio.Future[bool]] = set()
         #: tickets of requests running in this process, renewed until settled or cancelled
         self.leases = LeaseKeeper(self)
+        #: expired tickets that could not be settled nor released (see :meth:`sweep`)
+        self._set_aside: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Engine:
@@ -238,12 +243,17 @@ class Engine:
         return user
 
     # -- admit -----------------------------------------------------------------------
-    async def admit(self, ctx: AdmitContext, *, now: datetime | None = None) -> Ticket:
-        at = _moment(now)
-        if not isinstance(ctx.user, str) or not ctx.user:
-            raise InvalidInput("user must be a non-empty string")
-        if not isinstance(ctx.model, str) or not ctx.model:
-            raise InvalidInput("model must be a non-empty string")
+    def check(self, ctx: AdmitContext, *, now: datetime | None = None) -> int:
+        """The prompt tokens of `ctx`, or the InvalidInput (UnknownModel) `admit` would
+        raise for it; changes nothing. A front door that must update the user before
+        admitting (Open WebUI's role and groups) checks first, so a refused request leaves
+        the user alone."""
+        return self._validated(ctx, _moment(now))[1]
+
+    def _validated(self, ctx: AdmitContext, at: datetime) -> tuple[int, int, Policy, Price]:
+        """(completion tokens wanted, prompt tokens, policy, price) of a valid request."""
+        check_name(ctx.user, "user")
+        check_name(ctx.model, "model", allow_bar=True)
         want = 0
         if ctx.produces_output:
             want = (
@@ -253,10 +263,18 @@ class Engine:
             )
         prompt_tokens = self._prompt_tokens(ctx)
         policy = self.policy()
-        user = self._user(ctx)
         price = policy.price(ctx.model, at) or policy.default_price
         if price is None:
             raise UnknownModel(f"model {ctx.model!r} has no price and unpriced models are refused")
+        if ctx.pool and policy.pool(ctx.pool) is None:
+            raise InvalidInput(f"unknown pool {ctx.pool!r}", "pool")
+        return want, prompt_tokens, policy, price
+
+    async def admit(self, ctx: AdmitContext, *, now: datetime | None = None) -> Ticket:
+        at = _moment(now)
+        # everything that can refuse the request is checked before the user is created
+        want, prompt_tokens, policy, price = self._validated(ctx, at)
+        user = self._user(ctx)
         multiplier = policy.multiplier(user)
 
         common, options = self._specs_for(policy, user, ctx)
@@ -267,6 +285,7 @@ class Engine:
         for option, min_output, reported in self._attempts(user, options, want, strict):
             specs = common + option.specs
             holds = [self._hold(spec, at, prompt_tokens, price, multiplier) for spec in specs]
+            fits = _bounded_output(specs, holds, want)
             pool = option.source.partition(":")[2] or None
             # The ticket as plain data: it is stored as the payload, and becomes a validated
             # Ticket once, when admitted (building models per attempt was a hot-path cost).
@@ -279,7 +298,7 @@ class Engine:
                 "pool": pool,
                 "source": option.source.partition(":")[0],
                 "prompt_tokens": prompt_tokens,
-                "max_tokens": want,
+                "max_tokens": fits,
                 "requested_max_tokens": want,
                 "started_at": at.timestamp(),
                 "expires_at": expires,
@@ -302,7 +321,7 @@ class Engine:
                 decision = await self.store.reserve(
                     ticket_id,
                     holds,
-                    want,
+                    fits,
                     strict=strict,
                     min_output=min_output,
                     expires_at=expires,
@@ -336,10 +355,7 @@ class Engine:
         if ctx.prompt_tokens is not None:
             return check_amount(ctx.prompt_tokens, "prompt_tokens")
         if ctx.messages is not None:
-            if not isinstance(ctx.messages, Sequence) or isinstance(ctx.messages, str | bytes):
-                raise InvalidInput("messages must be a list of message objects")
-            _check_messages(ctx.messages)
-            return self.counter.messages(ctx.messages, ctx.model)
+            return self.counter.messages(check_messages(ctx.messages), ctx.model)
         if ctx.prompt is not None:
             if not isinstance(ctx.prompt, str):
                 raise InvalidInput("prompt must be a string")
@@ -601,22 +617,63 @@ class Engine:
         for stored in await self.store.expired(at.timestamp()):
             if self.leases.holds(stored.id):
                 continue  # its request runs here: the renewal is late, not missing
-            ticket = _restore(stored)
+            if stored.id in self._set_aside:
+                continue
             try:
-                if self.settings.on_expiry == "charge":
-                    usage = Usage(ticket.prompt_tokens, ticket.max_tokens)
-                    event = await self._commit(ticket, usage, at, status="expired", estimated=True)
-                else:
-                    event = await self._commit(
-                        ticket, Usage(), at, status="released", estimated=True
-                    )
+                event: UsageEvent | None = await self._expire(stored, at)
             except UnknownTicket:
                 continue  # cancelled since `expired` listed it (another task or process)
-            if event.status == "settled":
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                # one ticket that cannot be settled as recorded must not stop the sweeper
+                event = await self._expire_as_held(stored, at, exc)
+            if event is None or event.status == "settled":
                 continue  # settled since `expired` listed it: not ours to report
-            log.warning("ticket %s of %s expired: %s", ticket.id, ticket.user_id, event.status)
+            log.warning(
+                "ticket %s of %s expired: %s",
+                event.ticket_id,
+                shown_repr(event.user_id),
+                event.status,
+            )
             events.append(event)
         return events
+
+    async def _expire(self, stored: StoredTicket, at: datetime) -> UsageEvent:
+        ticket = _restore(stored)
+        if self.settings.on_expiry == "charge":
+            usage = Usage(ticket.prompt_tokens, ticket.max_tokens)
+            return await self._commit(ticket, usage, at, status="expired", estimated=True)
+        return await self._commit(ticket, Usage(), at, status="released", estimated=True)
+
+    async def _expire_as_held(
+        self, stored: StoredTicket, at: datetime, error: Exception
+    ) -> UsageEvent | None:
+        """Expire a ticket whose record cannot be settled (unreadable, or priced absurdly)
+        on what the store says it holds: charged exactly its reservation, or released. If
+        even that fails it is released without a ledger row, and failing that left out of
+        this engine's later sweeps; each step is logged."""
+        log.error(
+            "ticket %s cannot be settled as recorded (%s: %s); expiring it on its reservation",
+            stored.id,
+            type(error).__name__,
+            shown(str(error)),
+        )
+        event = _held_event(stored, at, charge=self.settings.on_expiry == "charge")
+        try:
+            if event is not None:
+                committed = await self.store.commit(stored.id, event)
+                if committed is None:
+                    return None  # settled or cancelled meanwhile
+                return committed
+            log.error("ticket %s names no user: released without a ledger row", stored.id)
+            await self.store.release(stored.id)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            log.error("ticket %s cannot be expired (%s): left out of later sweeps", stored.id, exc)
+            self._set_aside.add(stored.id)
+        return None
 
     async def prune(self, now: datetime | None = None) -> int:
         """Delete counters of windows that ended more than a lease ago; how many.
@@ -710,22 +767,6 @@ def _moment(now: datetime | None) -> datetime:
     return now
 
 
-def _check_messages(messages: Sequence[Any]) -> None:
-    """Chat messages as OpenAI defines them: objects with a role and text or parts."""
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidInput(f"message {index} must be an object with role and content")
-        if not isinstance(message.get("role"), str) or not message["role"]:
-            raise InvalidInput(f"message {index} has no role")
-        content = message.get("content")
-        if content is not None and not isinstance(content, str | list):
-            raise InvalidInput(f"message {index}: content must be text or a list of parts")
-        if isinstance(content, list) and not all(isinstance(p, str | Mapping) for p in content):
-            raise InvalidInput(f"message {index}: every content part must be text or an object")
-        if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
-            raise InvalidInput(f"message {index}: tool_calls must be a list")
-
-
 class _PriceRecords:
     """Prices rebuilt from tickets' price records, remembered: every settle needs one,
     rebuilding costs more than the rest of settle's arithmetic, and a process only ever
@@ -783,6 +824,72 @@ def _restore(stored: StoredTicket) -> Ticket:
     ticket = Ticket.model_validate_json(stored.payload)
     ticket.expires_at = stored.expires_at  # the payload has the first lease, not a renewed one
     return ticket.filled(stored.max_output, [amount for _, amount in stored.held])
+
+
+def _bounded_output(specs: Sequence[_Spec], holds: Sequence[Hold], want: int) -> int:
+    """The completion tokens `want` clamped so that no hold reserves more than ABSURD (an
+    unlimited counter is not clamped by the store, and its sums must fit 64 bits)."""
+    fits = want
+    for spec, hold in zip(specs, holds):
+        room = ABSURD - hold.base
+        if room < 0 or (hold.per_output and want and room < hold.per_output):
+            raise InvalidInput(
+                f"this request would reserve an absurd amount of {spec.metric.value} on "
+                f"{spec.label}: the prompt is too long for its price"
+            )
+        if hold.per_output:
+            fits = min(fits, room // hold.per_output)
+    return fits
+
+
+def _held_event(stored: StoredTicket, at: datetime, *, charge: bool) -> UsageEvent | None:
+    """The ledger row of an expired ticket built from what the store holds for it, reading
+    from its record only what is well-formed; None if the record names no user and model."""
+    try:
+        record = orjson.loads(stored.payload)
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        return None
+    user, model = record.get("user_id"), record.get("model")
+    if not isinstance(user, str) or not user or not isinstance(model, str) or not model:
+        return None
+
+    def text(name: str) -> str | None:
+        value = record.get(name)
+        return value if isinstance(value, str) else None
+
+    def amount(value: object) -> int:
+        try:
+            return check_amount(value)
+        except InvalidInput:
+            return 0
+
+    holds = record.get("holds")
+    metrics = (
+        {h.get("key"): h.get("metric") for h in holds if isinstance(h, dict)}
+        if isinstance(holds, list)
+        else {}
+    )
+    credits = max((a for k, a in stored.held if metrics.get(k) == Metric.CREDITS.value), default=0)
+    started = record.get("started_at")
+    return UsageEvent(
+        ticket_id=stored.id,
+        user_id=user,
+        model=model,
+        started_at=float(started) if isinstance(started, int | float) else at.timestamp(),
+        settled_at=at.timestamp(),
+        prompt_tokens=amount(record.get("prompt_tokens")) if charge else 0,
+        completion_tokens=amount(stored.max_output) if charge else 0,
+        credits=credits if charge else 0,
+        key_id=text("key_id"),
+        channel=text("channel"),
+        pool=text("pool"),
+        source=text("source") or "allowance",
+        status="expired" if charge else "released",
+        estimated=True,
+        charges=[(key, held if charge else 0) for key, held in stored.held],
+    )
 
 
 def _reservation(metric: Metric, prompt: int, price: Price, multiplier: Decimal) -> tuple[int, int]:

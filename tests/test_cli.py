@@ -243,7 +243,12 @@ def test_limits_set_list_remove(db: Path) -> None:
     ok(db, "limits", "set", "--group", "A", "--metric", "credits", "--window", "month", "12.5")
     ok(db, "limits", "set", "--user", "alice", "--window", "rolling:24h", "5000")
     ok(db, "limits", "set", "--model", "gpt-4o", "--per-user", "20000")
-    ok(db, "limits", "set", "--key", "k1", "--metric", "requests", "--window", "minute", "60")
+    # caps on a key, a pool and a channel need them to exist (a typo would bind nothing)
+    secret = ok(db, "keys", "create", "--user", "alice").stdout.strip().splitlines()[-1]
+    k1 = secret.removeprefix("qg-").split("-")[0]
+    ok(db, "pools", "set", "lab")
+    ok(db, "channels", "add", "azure", "--base-url", "http://127.0.0.1:9/v1", "-m", "gpt-4o")
+    ok(db, "limits", "set", "--key", k1, "--metric", "requests", "--window", "minute", "60")
     ok(db, "limits", "set", "--pool", "lab", "--window", "lifetime", "1000000")
     ok(db, "limits", "set", "--pool", "lab", "--per-user", "5000")
     ok(db, "limits", "set", "--channel", "azure", "--window", "rolling:60m", "90000")
@@ -268,7 +273,7 @@ def test_limits_set_list_remove(db: Path) -> None:
         ("group", "A", True, "credits", "month"): 12.5,
         ("user", "alice", True, "tokens", "rolling:1d"): 5000,
         ("model", "gpt-4o", True, "tokens", "day"): 20_000,
-        ("key", "k1", False, "requests", "minute"): 60,
+        ("key", k1, False, "requests", "minute"): 60,
         ("pool", "lab", False, "tokens", "lifetime"): 1_000_000,
         ("pool", "lab", True, "tokens", "day"): 5000,
         ("channel", "azure", False, "tokens", "rolling:1h"): 90_000,

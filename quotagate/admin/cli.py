@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 
 from quotagate.admin.common import CliState, database_url, err
 from quotagate.core.errors import InvalidInput, QuotaGateError, UnknownModel, UnknownTicket
+from quotagate.core.text import masked
 
 #: Errors that mean "you typed something QuotaGate cannot accept": exit status 2.
 BAD_INPUT = (InvalidInput, UnknownModel, UnknownTicket)
@@ -37,7 +38,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+    """Print one ``error:`` line (passwords in URLs masked, never several lines)."""
+    line = " ".join(masked(message).split())
+    err.print(f"[bold red]error:[/bold red] {escape(line)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -57,6 +60,10 @@ class QuotaGateGroup(TyperGroup):
             raise fail(f"invalid configuration file: {exc}", 1) from None
         except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as exc:
             raise fail(f"database error: {_first_line(exc)}", 1) from None
+        except (typer.TyperException, typer.Exit, typer.Abort):
+            raise  # usage errors, --help, exit codes: typer reports them itself
+        except Exception as exc:  # a bug: still one line and an exit status, not a traceback
+            raise fail(f"unexpected {type(exc).__name__}: {_first_line(exc)}", 1) from None
 
 
 def _validation_message(exc: pydantic.ValidationError) -> str:

@@ -25,7 +25,10 @@ from quotagate.admin.common import (
 )
 from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Limit, Metric, Scope, format_amount
+from quotagate.core.text import check_name
 from quotagate.core.windows import parse_window
+from quotagate.engine import Engine
+from quotagate.store.catalog import KEY_PREFIX
 
 limits_app = typer.Typer(no_args_is_help=True, help="Allowances and caps per window.")
 users_app = typer.Typer(no_args_is_help=True, help="Users, their role and their groups.")
@@ -132,6 +135,7 @@ def limits_set(
     parse_window(window, timezone or state(ctx).settings().timezone, reset_hour)
     parsed_amount = parse_amount(amount, parsed_metric)
     with opened(ctx) as engine:
+        _check_subject(ctx, engine, scope, target)
         limit = engine.catalog.set_limit(
             scope,
             target,
@@ -395,6 +399,31 @@ def wallet_show(
     )
 
 
+def _check_subject(ctx: typer.Context, engine: Engine, scope: Scope, target: str) -> None:
+    """A cap on a key, channel or pool that does not exist would silently bind nothing
+    (a typo, or a key named by its secret instead of its id): refuse it."""
+    if scope is Scope.KEY and target.startswith(KEY_PREFIX):
+        key_id = target.removeprefix(KEY_PREFIX).split("-")[0]
+        raise InvalidInput(f"--key takes a key's id, not its secret: use {key_id!r}")
+    api_keys = engine.catalog.keys() if scope is Scope.KEY else []
+    if scope is Scope.KEY and target not in {k.id for k in api_keys}:
+        raise InvalidInput(
+            f"no API key with id {target!r}: name a key by the id `quotagate keys list` "
+            "shows (in a secret qg-ID-..., the part after qg-)"
+        )
+    if scope is Scope.CHANNEL:
+        from quotagate.gateway.channels import ChannelStore
+
+        known = {c.name for c in state(ctx).settings().channels}
+        known |= {c.name for c in ChannelStore(engine.catalog).list()}
+        if target not in known:
+            raise InvalidInput(
+                f"no channel {target!r}: add it with `quotagate channels add` or in "
+                "quotagate.toml first (`quotagate channels list` shows them)"
+            )
+    if scope is Scope.POOL and target not in {p.name for p in engine.catalog.pools()}:
+        raise InvalidInput(f"no pool {target!r}: create it first with `quotagate pools set`")
+
+
 def _check_name(value: str, what: str) -> None:
-    if not value.strip() or len(value) > 64 or "|" in value:
-        raise InvalidInput(f"{what} must be 1-64 characters without '|': {value!r}")
+    check_name(value, what, max_length=64)

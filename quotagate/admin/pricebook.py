@@ -163,6 +163,10 @@ def read_price_file(path: Path, effective_from: datetime | None = None) -> list[
             f"price file {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
             f"column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise InvalidInput(
+            f"price file {path} is nested too deeply: a price list is a list of objects"
+        ) from None
     return parse_price_list(data, str(path), effective_from)
 
 

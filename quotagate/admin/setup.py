@@ -13,6 +13,7 @@ from pathlib import Path
 
 from quotagate.admin.pricebook import genai_prices
 from quotagate.core.limits import Limit, Metric, Scope
+from quotagate.core.text import masked
 from quotagate.engine import Engine
 from quotagate.store.factory import sqlite_path
 
@@ -46,7 +47,7 @@ def describe_database(url: str) -> str:
     scheme = url.split(":", 1)[0].lower()
     if scheme.startswith("sqlite"):
         return str(Path(sqlite_path(url)).resolve())
-    return url
+    return masked(url)
 
 
 def initialise(engine: Engine, at: datetime | None = None) -> InitReport:

@@ -11,7 +11,14 @@ class QuotaGateError(Exception):
 
 
 class InvalidInput(QuotaGateError, ValueError):
-    """A caller passed a value QuotaGate cannot accept (negative tokens, unknown window, ...)."""
+    """A caller passed a value QuotaGate cannot accept (negative tokens, unknown window, ...).
+
+    `param` names the offending field of a request where there is one (for example
+    ``messages[0].tool_calls[0].function``), so an HTTP front door can say which."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownModel(QuotaGateError, LookupError):

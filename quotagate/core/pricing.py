@@ -14,7 +14,17 @@ from decimal import Decimal
 from typing import Any
 
 from quotagate.core.errors import InvalidInput
-from quotagate.core.limits import MICRO
+from quotagate.core.limits import ABSURD, MICRO
+from quotagate.core.text import MAX_NAME, check_name
+
+#: The most a price may ask per token, in credits. With micro-credits that is 10^15 per
+#: token, so every cost the engine computes fits a 64-bit column (it bounds the products
+#: on top, see :meth:`Price.cost`).
+MAX_CREDITS_PER_TOKEN = 10**9
+#: Characters of decimal text a price (or a group's multiplier) is stored as.
+PRICE_DIGITS = 32
+#: The most a group's multiplier may scale a price by.
+MAX_MULTIPLIER = 10**6
 
 
 @dataclass(frozen=True)
@@ -44,21 +54,35 @@ class Price:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for field in ("input_credits", "output_credits", "cached_credits"):
+        check_name(self.model, "model id", allow_bar=True)
+        for field, longest in (("provider", 64), ("name", MAX_NAME)):
             value = getattr(self, field)
-            optional = field == "cached_credits"
-            if not (value is None and optional) and not _non_negative(value):
-                raise InvalidInput(f"{field} must be a non-negative number, got {value!r}")
+            if not isinstance(value, str) or len(value) > longest:
+                raise InvalidInput(f"{field} must be text of at most {longest} characters")
         for field in ("per_input_tokens", "per_output_tokens", "per_cached_tokens"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InvalidInput(f"{field} must be a positive whole number, got {value!r}")
+            if value > ABSURD:
+                raise InvalidInput(f"{field} is absurdly large: {value:,} (at most {ABSURD:,})")
+        for field, per in (
+            ("input_credits", self.per_input_tokens),
+            ("output_credits", self.per_output_tokens),
+            ("cached_credits", self.per_cached_tokens),
+        ):
+            value = getattr(self, field)
+            optional = field == "cached_credits"
+            if not (value is None and optional):
+                _check_credits(value, per, field)
 
     def _rate(self, credits: Decimal, per: int, multiplier: Decimal) -> Decimal:
         return Decimal(credits) * MICRO * multiplier / per
 
     def cost(self, usage: Usage, multiplier: Decimal = Decimal(1)) -> int:
-        """Micro-credits charged for `usage` (cached prompt tokens at the cached price)."""
+        """Micro-credits charged for `usage` (cached prompt tokens at the cached price).
+
+        More than :data:`~quotagate.core.limits.ABSURD` is refused (InvalidInput): no
+        real request costs a billion credits, and the ledger's column holds 64 bits."""
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         cached_price = self.cached_credits if self.cached_credits is not None else None
         total = self._rate(self.input_credits, self.per_input_tokens, multiplier) * (
@@ -69,6 +93,11 @@ class Price:
         total += self._rate(self.output_credits, self.per_output_tokens, multiplier) * (
             usage.completion_tokens
         )
+        if total > ABSURD:
+            raise InvalidInput(
+                f"usage of {usage.prompt_tokens:,} + {usage.completion_tokens:,} tokens would "
+                f"cost an absurd {total / MICRO:,.0f} credits at the price of {self.model!r}"
+            )
         return math.ceil(total)
 
     def input_cost(self, tokens: int, multiplier: Decimal = Decimal(1)) -> int:
@@ -116,10 +145,21 @@ def price_from_record(record: Any, effective_from: datetime | None = None) -> Pr
             per_cached_tokens=_per(record, "per_cached_tokens"),
             effective_from=effective_from,
         )
+    except InvalidInput as exc:
+        message = str(exc)
+        for field, name in _RECORD_NAMES.items():  # say it as the price file does
+            message = message.replace(field, name)
+        raise InvalidInput(message) from None
     except (TypeError, ValueError, ArithmeticError) as exc:
-        if isinstance(exc, InvalidInput):
-            raise
         raise InvalidInput(f"price entry {record.get('id')!r}: {exc}") from exc
+
+
+#: Price's fields as a price list names them
+_RECORD_NAMES = {
+    "input_credits": "input_cost_credits",
+    "output_credits": "output_cost_credits",
+    "cached_credits": "cached_cost_credits",
+}
 
 
 def price_to_record(price: Price, *, exact: bool = False) -> dict[str, Any]:
@@ -151,14 +191,24 @@ def _per(record: dict[str, Any], field: str) -> int:
     return int(number)
 
 
-def _non_negative(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        return False
-    try:
-        number = Decimal(value)
-    except ArithmeticError:
-        return False
-    return number.is_finite() and number >= 0
+def _check_credits(value: Any, per: int, field: str) -> None:
+    """A price: a non-negative number of at most :data:`MAX_CREDITS_PER_TOKEN` credits per
+    token, short enough for the catalog's column (32 characters of decimal text)."""
+    number: Decimal | None = None
+    if not isinstance(value, bool) and isinstance(value, int | float | str | Decimal):
+        try:
+            number = Decimal(str(value) if isinstance(value, float) else value)
+        except ArithmeticError:
+            number = None
+    if number is None or not number.is_finite() or number < 0:
+        raise InvalidInput(f"{field} must be a non-negative number, got {value!r}")
+    if number > MAX_CREDITS_PER_TOKEN * per:
+        raise InvalidInput(
+            f"{field} is absurdly large: {number} credits per {per:,} tokens "
+            f"(at most {MAX_CREDITS_PER_TOKEN:,} credits per token)"
+        )
+    if len(str(number)) > PRICE_DIGITS:
+        raise InvalidInput(f"{field} has too many digits: {number} (at most {PRICE_DIGITS})")
 
 
 def _decimal(value: Any) -> Decimal:

@@ -80,9 +80,15 @@ def _texts(message: Mapping[str, Any]) -> Iterable[str]:
                 yield part["text"]
             elif isinstance(part, str):
                 yield part
-    for call in message.get("tool_calls") or []:
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
         if isinstance(call, Mapping):
-            function = call.get("function") or {}
-            for key in ("name", "arguments"):
-                if isinstance(function.get(key), str):
-                    yield function[key]
+            yield from _function_texts(call.get("function"))
+    yield from _function_texts(message.get("function_call"))  # the legacy single call
+
+
+def _function_texts(function: object) -> Iterable[str]:
+    if isinstance(function, Mapping):
+        for key in ("name", "arguments"):
+            if isinstance(function.get(key), str):
+                yield function[key]

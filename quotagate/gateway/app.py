@@ -22,6 +22,7 @@ import orjson
 
 from quotagate.config import Settings
 from quotagate.core.errors import InvalidInput, StoreUnavailable, UnknownModel
+from quotagate.core.text import shown_repr
 from quotagate.engine import Engine
 from quotagate.gateway.asgi import (
     ClientGone,
@@ -229,7 +230,7 @@ class Gateway:
         except ClientGone:
             status = 499
         except Exception:
-            log.exception("unexpected error on %s %s", method, path)
+            log.exception("unexpected error on %s %s", method, shown_repr(path))
             status = 500
             await respond_error(
                 send,
@@ -258,8 +259,6 @@ class Gateway:
         headers = header_map(scope)
         key = self.auth.key(headers)
         entry["key"] = key.id
-        user, role = self.openwebui.charged(key, headers)
-        entry["user"] = user
         raw = await read_body(receive, headers, self.settings.max_body_bytes)
         call = parse(endpoint, raw, self.engine.counter)
         entry["model"] = call.model
@@ -269,10 +268,13 @@ class Gateway:
         pinned = pin.decode("latin-1").strip() if pin else None
         if pinned is None and not self.router.serves(call.model):
             raise model_not_found(call.model)
+        # only a request that is valid may create or update its user
+        user, role = self.openwebui.charged(key, headers)
+        entry["user"] = user
         try:
             return await self.proxy.call(call, user, role, key.id, pinned, receive, send, outcome)
         except InvalidInput as exc:
-            raise bad_request(str(exc)) from None
+            raise bad_request(str(exc), exc.param) from None
         except UnknownModel as exc:
             raise ApiError(
                 404, str(exc), "invalid_request_error", "model_not_priced", "model"

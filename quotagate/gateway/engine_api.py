@@ -48,6 +48,7 @@ from quotagate.core.errors import (
     UnknownTicket,
 )
 from quotagate.core.pricing import Usage
+from quotagate.core.text import printable
 from quotagate.engine import AdmitContext, Engine, LimitStatus, Ticket
 from quotagate.gateway.asgi import Receive, Scope, Send, header_map, read_body, respond
 from quotagate.gateway.auth import Authenticator
@@ -87,7 +88,9 @@ class UserIn(_In):
 class AdmitIn(_In):
     user: UserIn
     model: str = Field(min_length=1, max_length=255)
-    messages: list[dict[str, Any]] | None = Field(None, description="OpenAI chat messages")
+    messages: list[Any] | None = Field(
+        None, description="OpenAI chat messages (checked as OpenAI checks them)"
+    )
     prompt: str | None = Field(None, description="a prompt text instead of messages")
     prompt_tokens: int | None = Field(None, ge=0, description="prompt tokens already counted")
     max_tokens: int | None = Field(
@@ -267,7 +270,7 @@ class QuotaApi:
         except QuotaExceeded as exc:
             return await self._refuse(send, exc.refusal, entry)
         except InvalidInput as exc:
-            raise bad_request(str(exc)) from None
+            raise bad_request(str(exc), exc.param) from None
         except UnknownModel as exc:
             raise ApiError(404, str(exc), "invalid_request_error", "model_not_priced") from None
         except UnknownTicket as exc:
@@ -311,26 +314,25 @@ class QuotaApi:
         person = Person(
             user_id,
             req.user.role,
-            req.user.email,
-            req.user.name,
+            printable(req.user.email) if req.user.email else None,
+            printable(req.user.name) if req.user.name else None,
             clean_groups(req.user.groups) if req.user.groups is not None else None,
         )
-        role = self.users.sync(person)
         now = self.clock()
-        before = await self._limits(user_id, now) if req.status else None
-        ticket = await self.engine.admit(
-            AdmitContext(
-                user=user_id,
-                model=req.model,
-                messages=req.messages,
-                prompt=req.prompt,
-                prompt_tokens=req.prompt_tokens,
-                max_tokens=req.max_tokens,
-                key_id=key.id,
-                role=role,
-            ),
-            now=now,
+        context = AdmitContext(
+            user=user_id,
+            model=req.model,
+            messages=req.messages,
+            prompt=req.prompt,
+            prompt_tokens=req.prompt_tokens,
+            max_tokens=req.max_tokens,
+            key_id=key.id,
         )
+        # a request refused as invalid must not create or update the user: check it first
+        context.prompt_tokens = self.engine.check(context, now=now)
+        context.role = role = self.users.sync(person)
+        before = await self._limits(user_id, now) if req.status else None
+        ticket = await self.engine.admit(context, now=now)
         return AdmitOut(
             ticket=ticket.id,
             user=user_id,

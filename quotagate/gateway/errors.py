@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from quotagate.core.text import shown
+
 
 @dataclass
 class ApiError(Exception):
@@ -64,7 +66,7 @@ def too_large(limit: int) -> ApiError:
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,
-        f"The model `{model}` does not exist or no channel serves it.",
+        f"The model `{shown(model)}` does not exist or no channel serves it.",
         "invalid_request_error",
         "model_not_found",
         "model",
@@ -74,7 +76,7 @@ def model_not_found(model: str) -> ApiError:
 def model_forbidden(model: str) -> ApiError:
     return ApiError(
         403,
-        f"This API key may not use the model `{model}`.",
+        f"This API key may not use the model `{shown(model)}`.",
         "permission_error",
         "model_not_allowed",
         "model",
@@ -82,10 +84,10 @@ def model_forbidden(model: str) -> ApiError:
 
 
 def not_found(path: str) -> ApiError:
-    return ApiError(404, f"Unknown URL: {path}", "invalid_request_error", "unknown_url")
+    return ApiError(404, f"Unknown URL: {shown(path)}", "invalid_request_error", "unknown_url")
 
 
 def method_not_allowed(method: str, path: str) -> ApiError:
     return ApiError(
-        405, f"Method {method} is not allowed on {path}.", "invalid_request_error", None
+        405, f"Method {method} is not allowed on {shown(path)}.", "invalid_request_error", None
     )

@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from quotagate.core.text import MAX_SHOWN, shown
+
 access_log = logging.getLogger("quotagate.access")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -90,5 +92,10 @@ class Metrics:
 
 
 def log_access(entry: dict[str, Any]) -> None:
+    """One JSON line (JSON escapes control characters, so no value can start a line);
+    text a client chose (model, path, user) is shortened to MAX_SHOWN characters."""
     if access_log.isEnabledFor(logging.INFO):
+        for name, value in entry.items():
+            if isinstance(value, str) and len(value) > MAX_SHOWN:
+                entry[name] = shown(value)
         access_log.info(orjson.dumps(entry).decode())

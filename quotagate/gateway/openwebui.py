@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from quotagate.config import Settings
+from quotagate.core.errors import InvalidInput
+from quotagate.core.text import MAX_NAME, check_name, printable
 from quotagate.engine import Engine
 from quotagate.gateway.errors import ApiError
 from quotagate.store.catalog import ApiKey
@@ -55,18 +57,22 @@ def invalid_user(what: str) -> ApiError:
 
 
 def check_user_id(value: str, what: str = "The Open WebUI user id") -> str:
+    """The id, stripped; a 400 naming `what` if it is no valid QuotaGate name (empty, too
+    long, with '|' or a control character, which would forge a log line)."""
     value = value.strip()
-    if not value or len(value) > 255 or "|" in value:
-        raise invalid_user(what)
-    return value
+    try:
+        return check_name(value, what)
+    except InvalidInput:
+        raise invalid_user(what) from None
 
 
 def clean_groups(groups: Sequence[str]) -> tuple[str, ...]:
-    """Open WebUI group names as QuotaGate group names ('|' is reserved, 255 at most)."""
+    """Open WebUI group names as QuotaGate group names ('|' is reserved, control
+    characters are dropped, 255 characters at most)."""
     found = set()
     for name in groups:
         if isinstance(name, str):
-            cleaned = name.strip().replace("|", "/")[:255].strip()
+            cleaned = printable(name).strip().replace("|", "/")[:MAX_NAME].strip()
             if cleaned:
                 found.add(cleaned)
     return tuple(sorted(found))
@@ -85,7 +91,7 @@ def forwarded_person(headers: dict[bytes, bytes]) -> Person | None:
             return None
         decoded = value.decode("utf-8", "replace").strip()
         # Open WebUI sends the name URL-quoted (urllib.parse.quote(name, safe=" "))
-        return (unquote(decoded) if quoted else decoded) or None
+        return printable(unquote(decoded) if quoted else decoded) or None
 
     return Person(user, text(USER_ROLE), text(USER_EMAIL), text(USER_NAME, quoted=True))
 

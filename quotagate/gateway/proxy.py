@@ -22,6 +22,7 @@ import orjson
 
 from quotagate.core.errors import InvalidInput, QuotaExceeded, Refusal, UnknownTicket
 from quotagate.core.pricing import Usage
+from quotagate.core.text import shown_repr
 from quotagate.engine import AdmitContext, Engine, Ticket
 from quotagate.gateway.asgi import Headers, Receive, Send, respond
 from quotagate.gateway.channels import Channel
@@ -306,11 +307,19 @@ class Proxy:
         """Settle; returns the charge per hold (for exact rate-limit headers)."""
         try:
             event = await self.engine.settle(ticket, usage, now=self.clock())
-        except InvalidInput:
-            # an upstream reporting nonsense usage: fall back on the reservation's prompt
-            log.warning("upstream reported invalid usage %r; charging the estimate", usage)
+        except InvalidInput as exc:
+            # an upstream reporting nonsense usage: fall back on the reservation
+            log.warning(
+                "upstream reported invalid usage %s (%s); charging ticket %s at its reservation",
+                shown_repr(usage),
+                exc,
+                ticket.id,
+            )
             event = await self.engine.settle(
-                ticket, Usage(ticket.prompt_tokens, ticket.max_tokens), now=self.clock()
+                ticket,
+                Usage(ticket.prompt_tokens, ticket.max_tokens),
+                now=self.clock(),
+                estimated=True,
             )
         outcome.prompt_tokens = event.prompt_tokens
         outcome.completion_tokens = event.completion_tokens

@@ -14,7 +14,9 @@ from typing import Any
 
 import orjson
 
+from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import ABSURD
+from quotagate.core.messages import check_messages
 from quotagate.core.tokens import TokenCounter
 from quotagate.gateway.errors import ApiError, bad_request
 
@@ -103,11 +105,13 @@ def parse(endpoint: str, raw: bytes, counter: TokenCounter) -> Call:
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _missing("messages", "a non-empty array of message objects")
-        if not all(isinstance(m, dict) for m in messages):
-            raise bad_request(
-                "Every item of 'messages' must be an object.", "messages", "invalid_type"
-            )
+        try:
+            check_messages(messages)
+        except InvalidInput as exc:
+            raise bad_request(str(exc), exc.param, "invalid_type") from None
         call.messages = messages
+        # counted here, once: every channel attempt admits with the same count
+        call.prompt_tokens = counter.messages(messages, model)
         fields: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
     else:
         call.prompt_tokens = _input_tokens(data.get("prompt"), "prompt", model, counter)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from quotagate.core.text import shown
 from quotagate.gateway.channels import Channel
 from quotagate.gateway.errors import ApiError
 
@@ -75,14 +76,14 @@ class Router:
             if channel is None:
                 raise ApiError(
                     404,
-                    f"There is no channel named `{pinned}`.",
+                    f"There is no channel named `{shown(pinned)}`.",
                     "invalid_request_error",
                     "channel_not_found",
                 )
             if model not in channel.models:
                 raise ApiError(
                     404,
-                    f"The channel `{pinned}` does not serve the model `{model}`.",
+                    f"The channel `{pinned}` does not serve the model `{shown(model)}`.",
                     "invalid_request_error",
                     "model_not_found",
                     "model",

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Sequence
@@ -24,9 +25,12 @@ import sqlalchemy as sa
 from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Limit, Metric, Scope, check_amount
 from quotagate.core.policy import Policy, Pool, User
-from quotagate.core.pricing import Price
+from quotagate.core.pricing import MAX_MULTIPLIER, PRICE_DIGITS, Price
+from quotagate.core.text import check_name
 from quotagate.core.windows import parse_window
 from quotagate.store import schema as t
+
+log = logging.getLogger("quotagate.catalog")
 
 KEY_PREFIX = "qg-"
 #: how often to try creating a user that other processes may be creating at the same time
@@ -196,6 +200,11 @@ class Catalog:
 
     def set_multiplier(self, group: str, multiplier: Decimal | str | float) -> None:
         value = _decimal(multiplier, "multiplier")
+        if value > MAX_MULTIPLIER or len(str(value)) > PRICE_DIGITS:
+            raise InvalidInput(
+                f"multiplier must be at most {MAX_MULTIPLIER:,} in {PRICE_DIGITS} characters, "
+                f"got {value}"
+            )
         with self.db.begin() as conn:
             self._ensure_group(conn, group)
             conn.execute(
@@ -318,21 +327,30 @@ class Catalog:
             rows = conn.execute(
                 sa.select(t.prices).order_by(t.prices.c.effective_from, t.prices.c.id)
             ).all()
-        return [
-            Price(
-                model=r.model,
-                provider=r.provider,
-                name=r.name,
-                input_credits=Decimal(r.input_credits),
-                per_input_tokens=r.per_input_tokens,
-                output_credits=Decimal(r.output_credits),
-                per_output_tokens=r.per_output_tokens,
-                cached_credits=None if r.cached_credits is None else Decimal(r.cached_credits),
-                per_cached_tokens=r.per_cached_tokens,
-                effective_from=datetime.fromtimestamp(r.effective_from, UTC),
-            )
-            for r in rows
-        ]
+        found = []
+        for r in rows:
+            try:
+                found.append(
+                    Price(
+                        model=r.model,
+                        provider=r.provider,
+                        name=r.name,
+                        input_credits=Decimal(r.input_credits),
+                        per_input_tokens=r.per_input_tokens,
+                        output_credits=Decimal(r.output_credits),
+                        per_output_tokens=r.per_output_tokens,
+                        cached_credits=(
+                            None if r.cached_credits is None else Decimal(r.cached_credits)
+                        ),
+                        per_cached_tokens=r.per_cached_tokens,
+                        effective_from=datetime.fromtimestamp(r.effective_from, UTC),
+                    )
+                )
+            except (InvalidInput, ArithmeticError) as exc:
+                # a row stored before prices were bounded (1e300 credits, say) must not
+                # stop every request: it is left out, and said so, until an admin fixes it
+                log.error("price row %s is unusable and ignored (%s); set it again", r.id, exc)
+        return found
 
     def current_prices(self, at: datetime | None = None) -> list[Price]:
         moment = at or datetime.now(UTC)
@@ -352,6 +370,8 @@ class Catalog:
         trusted_openwebui: bool = False,
     ) -> tuple[ApiKey, str]:
         """Create a key; returns it with its secret, which is never stored nor shown again."""
+        if name:
+            check_name(name, "key name", allow_bar=True)
         self.ensure_user(user_id)
         key_id = secrets.token_hex(6)
         secret = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(24)}"
@@ -493,8 +513,7 @@ def _tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:
 
 
 def _check_name(value: str, what: str) -> None:
-    if not isinstance(value, str) or not value.strip() or len(value) > 255 or "|" in value:
-        raise InvalidInput(f"{what} must be 1-255 characters without '|': {value!r}")
+    check_name(value, what)
 
 
 def _decimal(value: object, what: str) -> Decimal:

@@ -14,6 +14,7 @@ from sqlalchemy.pool import StaticPool
 
 from quotagate.config import Settings
 from quotagate.core.errors import ConfigError
+from quotagate.core.text import masked
 from quotagate.store.base import CounterStore
 from quotagate.store.catalog import Catalog
 from quotagate.store.memory import MemoryStore
@@ -28,7 +29,9 @@ def sqlite_path(url: str) -> str:
     """The file of a ``sqlite:///`` URL (relative paths are relative to the cwd)."""
     parsed = sa.make_url(url)
     if not parsed.database or parsed.database == ":memory:":
-        raise ConfigError(f"{url!r} names no SQLite file; use memory:// for an in-memory store")
+        raise ConfigError(
+            f"{masked(url)!r} names no SQLite file; use memory:// for an in-memory store"
+        )
     return parsed.database
 
 
@@ -59,7 +62,7 @@ def open_store(url: str, *, create: bool = True) -> tuple[CounterStore, Catalog,
         upgrade(engine)
         return SQLiteStore(path, url), Catalog(engine), engine
     raise ConfigError(
-        f"unsupported database URL {url!r}: use memory:// or sqlite:///path/to/quotagate.db"
+        f"unsupported database URL {masked(url)!r}: use memory:// or sqlite:///path/to/quotagate.db"
     )
 
 

@@ -105,7 +105,7 @@ MALFORMED: list[tuple[Any, str | None]] = [
     ({"messages": CHAT["messages"]}, "model"),
     ({"model": "demo-model"}, "messages"),
     ({"model": "demo-model", "messages": []}, "messages"),
-    ({"model": "demo-model", "messages": ["hi"]}, "messages"),
+    ({"model": "demo-model", "messages": ["hi"]}, "messages[0]"),
     ({**CHAT, "max_tokens": -5}, "max_tokens"),
     ({**CHAT, "max_tokens": "ten"}, "max_tokens"),
     ({**CHAT, "max_tokens": 1.5}, "max_tokens"),
