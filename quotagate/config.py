@@ -104,10 +104,20 @@ class Settings(BaseSettings):
         "user", min_length=1, description="QuotaGate role for an Open WebUI role not mapped"
     )
     openwebui_sync_roles: bool = Field(
-        True, description="a known user's role follows their Open WebUI role (mapped)"
+        True,
+        description="a known user's role follows their Open WebUI role (mapped), unless an "
+        "admin set it with `users set-role`",
     )
     openwebui_groups: Literal["sync", "ignore"] = Field(
-        "sync", description="sync: a user's groups are the Open WebUI groups a filter sends"
+        "sync",
+        description="sync: the Open WebUI groups a filter sends are a user's groups, besides "
+        "those an admin gave with `users add-group`",
+    )
+    openwebui_cache_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="how long what Open WebUI said about a person (role, email, groups) is "
+        "trusted before the catalog is compared with it again",
     )
     openwebui_tasks: Literal["user", "key"] = Field(
         "user",

@@ -12,7 +12,17 @@ from typing import Annotated, Any
 
 import typer
 
-from quotagate.admin.common import TableOrJson, done, note, opened, out, print_json, state, table
+from quotagate.admin.common import (
+    TableOrJson,
+    done,
+    note,
+    opened,
+    out,
+    print_json,
+    state,
+    table,
+    user_id,
+)
 from quotagate.config import ChannelConfig
 from quotagate.core.errors import InvalidInput
 
@@ -78,7 +88,7 @@ def keys_create(
     """Create an API key. Its secret is printed once and stored only as a hash."""
     with opened(ctx, create=True) as engine:
         key, secret = engine.catalog.create_key(
-            user, name, model or None, trusted_openwebui=trusted_openwebui
+            user_id(engine, user), name, model or None, trusted_openwebui=trusted_openwebui
         )
     done(f"created key {key.id} for {key.user_id}" + (f" ({name})" if name else ""))
     note("the secret is shown this once; store it now")
@@ -93,7 +103,7 @@ def keys_list(
 ) -> None:
     """List keys (id, user, name, models, created, revoked) — never their secrets."""
     with opened(ctx) as engine:
-        keys = engine.catalog.keys(user)
+        keys = engine.catalog.keys(None if user is None else user_id(engine, user))
     records = [
         {
             "id": k.id,
