@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     sweep_seconds: float = Field(30.0, gt=0, description="how often expired tickets are settled")
     access_log: bool = True
     graceful_shutdown_seconds: float = Field(30.0, ge=0)
+    quota_api_only: bool = Field(
+        False,
+        description="serve only the quota API the Open WebUI filters call (and health, "
+        "metrics): no model routes, no channels, no demo upstream",
+    )
 
     # -- Open WebUI (gateway mode, and the engine API the filters call) ------------------
     openwebui_roles: dict[str, str] = Field(

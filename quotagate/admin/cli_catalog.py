@@ -139,6 +139,12 @@ def limits_set(
     with opened(ctx) as engine:
         if scope is Scope.USER:
             target = user_id(engine, target)
+            if engine.catalog.user(target) is None:
+                notice(
+                    f"no user has the id or email {target!r} yet: the limit binds a user of "
+                    "that id once one appears (Open WebUI's users: their id, or their email "
+                    "after their first chat; see `quotagate users list`)"
+                )
         limit = engine.catalog.set_limit(
             scope,
             target,

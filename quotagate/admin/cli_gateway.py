@@ -50,12 +50,23 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(min=1, help="worker processes sharing the store [default: 1]")
     ] = None,
+    quota_api_only: Annotated[
+        bool,
+        typer.Option(
+            "--quota-api-only",
+            help="only the quota API the Open WebUI filters call: no model routes, no demo "
+            "upstream (setting quota_api_only)",
+        ),
+    ] = False,
 ) -> None:
     """Run the OpenAI-compatible gateway. With no channel configured it routes to a
-    built-in demo model, on the embedded SQLite store (created on first use)."""
+    built-in demo model, on the embedded SQLite store (created on first use). With
+    --quota-api-only it serves only the quota API of the Open WebUI filters."""
     from quotagate.gateway.server import serve as run
 
     settings = state(ctx).settings()
+    if quota_api_only:
+        settings = settings.model_copy(update={"quota_api_only": True})
     run(
         settings,
         host or settings.host,
