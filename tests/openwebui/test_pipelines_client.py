@@ -7,6 +7,10 @@ process of Open WebUI's virtualenv, pointed at a Pipelines-compatible server hol
 real filter file, which calls a real QuotaGate. Only Open WebUI's lookup of the
 connection's URL and key in its database (`get_openai_connection`) is replaced.
 
+A second test runs the whole way, a real Open WebUI with the Pipelines-compatible server
+as its second connection (the fetched open-webui/pipelines server itself, run by hand,
+answered the same).
+
 What it proves: that client keeps nothing of a Pipelines error answer but its status and
 reason phrase, so a refusal must say it with its status — 429, "Too Many Requests" to the
 web UI and HTTP 429 to API clients — not as the 500 "Internal Server Error" a raised
@@ -27,13 +31,20 @@ import pytest
 
 from quotagate.core.limits import Metric, Scope
 from tests.gateway.harness import RunningGateway, running_gateway
-from tests.openwebui.harness import _server_env, base_env, ensure_openwebui, template_db
+from tests.openwebui.harness import (
+    _server_env,
+    base_env,
+    ensure_openwebui,
+    run_openwebui,
+    template_db,
+)
 from tests.openwebui.test_pipelines import (
     PipelinesServer,
     inlet_body,
     owui_user,
     running_pipelines,
 )
+from tests.support.upstream import running_upstream
 
 pytestmark = [pytest.mark.openwebui, pytest.mark.usefixtures("isolated_environment")]
 
@@ -151,3 +162,31 @@ async def test_open_webuis_client_gets_a_429_and_a_stream_without_a_usage_reques
     # the web UI's own stream asks for usage (Open WebUI consumes that chunk itself)
     assert got[3]["payload"]["stream_options"] == {"include_usage": True}
     assert await gw.pending() == 3
+
+
+async def test_a_refused_person_in_a_real_open_webui(
+    server: PipelinesServer, gw: RunningGateway, tmp_path: Path
+) -> None:
+    """The whole way: Open WebUI 0.12.4 with the Pipelines server as its second connection.
+    An API client is answered HTTP 429; the web UI's reply shows "Too Many Requests"."""
+    with running_upstream() as upstream:
+        env = {
+            "OPENAI_API_BASE_URLS": f"{upstream.base_url};{server.url}",
+            "OPENAI_API_KEYS": "sk-upstream;0p3n-w3bu!",
+            "BYPASS_MODEL_ACCESS_CONTROL": "true",
+        }
+        with run_openwebui(upstream.base_url, tmp_path / "owui", extra_env=env) as owui:
+            first = owui.client().signup("Admin", "admin@example.org", "pw-123456")
+            with owui.client(first.token) as admin:
+                assert "demo-model" in [m["id"] for m in admin.models()]
+                bob = admin.add_user("Bob", "bob@example.org", "pw-123456")
+            gw.limit(Scope.USER, bob.id, Metric.TOKENS, "day", 5)
+            with owui.client(bob.token) as client:
+                chat = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]}
+                for stream in (False, True):
+                    r = client.raw("POST", "/api/chat/completions", {**chat, "stream": stream})
+                    assert (r.status_code, r.json()) == (429, {"detail": "Too Many Requests"})
+                reply = client.ui_chat_wait(client.ui_chat_start("demo-model", "hi"))
+                assert reply["error"] == {"content": "Too Many Requests"}
+        assert upstream.requests == []  # the model was never called
+    assert await gw.pending() == 0
