@@ -52,12 +52,11 @@ QG_THREADS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="quota
 
 class QuotaGateRefused(Exception):
     """QuotaGate refused the request; the message is for the person chatting. `status`:
-    429 over a quota (with `retry_after` seconds when known), 400 a request it cannot take."""
+    429 over a quota, 400 (403) a request it cannot take (a model the key may not use)."""
 
-    def __init__(self, message: str, status: int = 429, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, status: int = 429) -> None:
         super().__init__(message)
         self.status = status
-        self.retry_after = retry_after
 
 
 class QuotaGateUnavailable(Exception):
@@ -315,15 +314,6 @@ def qg_duration(seconds: float) -> str:
     return f"{minutes} min"
 
 
-def qg_seconds_until(resets_at: Any, now: datetime) -> int | None:
-    """Whole seconds from now to an ISO instant (a Retry-After), None if there is none."""
-    try:
-        seconds = (datetime.fromisoformat(str(resets_at)) - now).total_seconds()
-    except (TypeError, ValueError):
-        return None
-    return max(1, int(seconds) + (0 if seconds == int(seconds) else 1))
-
-
 def qg_reset(resets_at: str | None, zone: str, now: datetime, relative: bool) -> str:
     """'resets 00:00 Europe/Berlin' (+ ' (in 3 h 12 min)'), in the limit's own timezone."""
     if not resets_at:
@@ -468,9 +458,7 @@ async def qg_admit(
     if status == 200 and answer.get("ticket"):
         return answer
     if status == 429:
-        refusal = answer.get("refusal")
-        resets = refusal.get("resets_at") if isinstance(refusal, dict) else None
-        raise QuotaGateRefused(qg_refusal_text(answer, now), 429, qg_seconds_until(resets, now))
+        raise QuotaGateRefused(qg_refusal_text(answer, now))
     code = (answer.get("error") or {}).get("code") if isinstance(answer, dict) else None
     if status in (400, 404) or code == "model_not_allowed":
         text = f"QuotaGate refused this request: {qg_error_message(answer)}"

@@ -273,17 +273,6 @@ async def test_a_refusal_reaches_open_webui_as_the_detail(
     assert await gw.pending() == 0
 
 
-async def test_a_refusal_says_when_to_retry(server: PipelinesServer, gw: RunningGateway) -> None:
-    gw.limit(Scope.USER, "u-bob", Metric.TOKENS, "day", 5)
-    r = httpx.post(
-        f"{server.url}/quotagate/filter/inlet",
-        json={"user": owui_user("u-bob"), "body": inlet_body()},
-        timeout=30,
-    )
-    assert r.status_code == 429
-    assert 0 < int(r.headers["retry-after"]) <= 86_400
-
-
 async def test_api_streams_are_not_given_a_usage_chunk_they_did_not_ask_for(
     server: PipelinesServer, gw: RunningGateway
 ) -> None:
