@@ -303,11 +303,11 @@ class Catalog:
         def change(conn: sa.Connection) -> None:
             self._upsert_user(conn, user_id, None, None, None)
             self._ensure_group(conn, group)
-            if conn.execute(sa.update(t.memberships).where(member).values(source=ADMIN)).rowcount:
-                return self._bump(conn)
-            conn.execute(
-                sa.insert(t.memberships).values(user_id=user_id, group_name=group, source=ADMIN)
-            )
+            claimed = conn.execute(sa.update(t.memberships).where(member).values(source=ADMIN))
+            if claimed.rowcount == 0:
+                conn.execute(
+                    sa.insert(t.memberships).values(user_id=user_id, group_name=group, source=ADMIN)
+                )
             self._bump(conn)
 
         self._write(change)
