@@ -271,7 +271,7 @@ def users_set_role(
     """Give a user a role (creating the user if needed). It stays: Open WebUI's role no
     longer replaces it, until `users set-role USER --follow-openwebui`."""
     if (role is not None) == follow_openwebui:
-        raise InvalidInput("give a ROLE, or --follow-openwebui (not both)")
+        raise InvalidInput("give either a ROLE or --follow-openwebui")
     if role is not None:
         _check_name(role, "role")
     with opened(ctx) as engine:
