@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     sweep_seconds: float = Field(30.0, gt=0, description="how often expired tickets are settled")
     access_log: bool = True
     graceful_shutdown_seconds: float = Field(30.0, ge=0)
+    quota_api_only: bool = Field(
+        False,
+        description="serve only the quota API the Open WebUI filters call (and health, "
+        "metrics): no model routes, no channels, no demo upstream",
+    )
 
     # -- Open WebUI (gateway mode, and the engine API the filters call) ------------------
     openwebui_roles: dict[str, str] = Field(
@@ -112,10 +117,20 @@ class Settings(BaseSettings):
         "user", min_length=1, description="QuotaGate role for an Open WebUI role not mapped"
     )
     openwebui_sync_roles: bool = Field(
-        True, description="a known user's role follows their Open WebUI role (mapped)"
+        True,
+        description="a known user's role follows their Open WebUI role (mapped), unless an "
+        "admin set it with `users set-role`",
     )
     openwebui_groups: Literal["sync", "ignore"] = Field(
-        "sync", description="sync: a user's groups are the Open WebUI groups a filter sends"
+        "sync",
+        description="sync: the Open WebUI groups a filter sends are a user's groups, besides "
+        "those an admin gave with `users add-group`",
+    )
+    openwebui_cache_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="how long what Open WebUI said about a person (role, email, groups) is "
+        "trusted before the catalog is compared with it again",
     )
     openwebui_tasks: Literal["user", "key"] = Field(
         "user",

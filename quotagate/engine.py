@@ -235,10 +235,11 @@ class Engine:
 
     def _user(self, ctx: AdmitContext) -> User:
         user = self._users.get(ctx.user)
-        if user is None or (ctx.groups is not None and tuple(sorted(ctx.groups)) != user.groups):
+        if user is None or (ctx.groups is not None and not user.in_step_with(ctx.groups)):
             user = self.catalog.user(ctx.user)
-            if user is None or (ctx.groups is not None and set(ctx.groups) != set(user.groups)):
-                user = self.catalog.ensure_user(ctx.user, ctx.role, groups=ctx.groups)
+            if user is None or (ctx.groups is not None and not user.in_step_with(ctx.groups)):
+                # the caller's groups join the admin's; its role applies to a new user only
+                user, _ = self.catalog.sync_user(ctx.user, ctx.role, groups=ctx.groups)
             self._users[ctx.user] = user
         return user
 

@@ -149,3 +149,43 @@ def round_trip(url: str) -> None:
         assert set(sa.inspect(engine).get_table_names()) == TABLES | {"alembic_version"}
     finally:
         engine.dispose()
+
+
+def test_0004_keeps_existing_memberships_as_an_admins_on_sqlite_and_postgresql(
+    tmp_path: Path,
+) -> None:
+    """Upgrading a database of revision 0003: every membership it had counts as an admin's
+    (a sync never removes it), no role is pinned, and the catalog reads both columns."""
+    with postgres_database() as pg_url:
+        for url in (f"sqlite:///{tmp_path / 'old.db'}", pg_url):
+            engine = sa.create_engine(url)
+            try:
+                config = alembic_config(url)
+                with engine.begin() as conn:
+                    config.attributes["connection"] = conn
+                    command.upgrade(config, "0003")
+                with engine.begin() as conn:
+                    conn.execute(
+                        sa.text("INSERT INTO users (id, role, created_at) VALUES ('bob', 'vip', 0)")
+                    )
+                    conn.execute(sa.text("INSERT INTO groups (name) VALUES ('research')"))
+                    conn.execute(
+                        sa.text(
+                            "INSERT INTO memberships (user_id, group_name) "
+                            "VALUES ('bob', 'research')"
+                        )
+                    )
+                upgrade(engine)
+                assert schema_drift(engine) == []
+                catalog = Catalog(engine)
+                user, _ = catalog.sync_user("bob", "user", follow_role=True, groups=["Staff"])
+                assert (user.role, user.groups, user.synced_groups) == (
+                    "user",
+                    ("Staff", "research"),
+                    ("Staff",),
+                )
+                assert catalog.set_role("bob", "vip").role_pinned
+                user, changed = catalog.sync_user("bob", "user", follow_role=True, groups=[])
+                assert (user.role, user.groups, changed) == ("vip", ("research",), True)
+            finally:
+                engine.dispose()

@@ -22,7 +22,9 @@ from quotagate.admin.common import (
     print_json,
     state,
     table,
+    user_id,
 )
+from quotagate.admin.common import note as notice
 from quotagate.core.errors import InvalidInput
 from quotagate.core.limits import Limit, Metric, Scope, format_amount
 from quotagate.core.text import check_name
@@ -71,7 +73,10 @@ def limits_set(
     ] = None,
     user: Annotated[
         str | None,
-        typer.Option(help="override that replaces the user's allowance", show_default=False),
+        typer.Option(
+            help="override that replaces the user's allowance (user id, or email)",
+            show_default=False,
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="cap on a model (applies on top)", show_default=False)
@@ -135,6 +140,14 @@ def limits_set(
     parse_window(window, timezone or state(ctx).settings().timezone, reset_hour)
     parsed_amount = parse_amount(amount, parsed_metric)
     with opened(ctx) as engine:
+        if scope is Scope.USER:
+            target = user_id(engine, target)
+            if engine.catalog.user(target) is None:
+                notice(
+                    f"no user has the id or email {target!r} yet: the limit binds a user of "
+                    "that id once one appears (Open WebUI's users: their id, or their email "
+                    "after their first chat; see `quotagate users list`)"
+                )
         _check_subject(ctx, engine, scope, target)
         limit = engine.catalog.set_limit(
             scope,
@@ -213,50 +226,102 @@ def users_list(
     ctx: typer.Context,
     format: Annotated[TableOrJson, typer.Option("--format", "-f")] = TableOrJson.table,
 ) -> None:
-    """Every user QuotaGate has seen or an admin has set up."""
+    """Every user QuotaGate has seen or an admin has set up. A role marked "(set here)" was
+    given with `users set-role` and no longer follows Open WebUI; groups marked "(Open
+    WebUI)" came from Open WebUI's groups and follow them."""
     with opened(ctx) as engine:
         users = engine.catalog.users()
     if format is TableOrJson.json:
         print_json(
             [
-                {"id": u.id, "role": u.role, "groups": list(u.groups), "email": u.email}
+                {
+                    "id": u.id,
+                    "role": u.role,
+                    "role_set_by_admin": u.role_pinned,
+                    "groups": list(u.groups),
+                    "groups_from_openwebui": list(u.synced_groups),
+                    "email": u.email,
+                    "name": u.name,
+                }
                 for u in users
             ]
         )
         return
-    rows = [(u.id, u.role, ", ".join(u.groups), u.email or "") for u in users]
+    rows = [
+        (
+            u.id,
+            u.role + (" (set here)" if u.role_pinned else ""),
+            ", ".join(g + (" (Open WebUI)" if g in u.synced_groups else "") for g in u.groups),
+            u.email or "",
+        )
+        for u in users
+    ]
     out.print(table("Users", ("user", "role", "groups", "email"), rows))
 
 
 @users_app.command("set-role")
-def users_set_role(ctx: typer.Context, user: str, role: str) -> None:
-    """Give a user a role (creating the user if needed)."""
-    _check_name(role, "role")
+def users_set_role(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="user id, or the email of one user")],
+    role: Annotated[str | None, typer.Argument(show_default=False)] = None,
+    follow_openwebui: Annotated[
+        bool,
+        typer.Option(
+            "--follow-openwebui",
+            help="instead of a role: let the user's role follow Open WebUI's again",
+        ),
+    ] = False,
+) -> None:
+    """Give a user a role (creating the user if needed). It stays: Open WebUI's role no
+    longer replaces it, until `users set-role USER --follow-openwebui`."""
+    if (role is not None) == follow_openwebui:
+        raise InvalidInput("give either a ROLE or --follow-openwebui")
+    if role is not None:
+        _check_name(role, "role")
     with opened(ctx) as engine:
-        found = engine.catalog.ensure_user(user, role)
-    done(f"user {found.id} has role {found.role}")
+        found = engine.catalog.set_role(user_id(engine, user), role)
+    if role is None:
+        done(f"user {found.id} has role {found.role}; it follows Open WebUI's from their next chat")
+    else:
+        done(f"user {found.id} has role {found.role} (Open WebUI's role no longer changes it)")
 
 
 @users_app.command("add-group")
-def users_add_group(ctx: typer.Context, user: str, group: str) -> None:
-    """Add a user to a credit group: its grants add to the user's allowance."""
+def users_add_group(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="user id, or the email of one user")],
+    group: str,
+) -> None:
+    """Add a user to a credit group: its grants add to the user's allowance. The
+    membership stays whatever Open WebUI's groups say."""
     with opened(ctx) as engine:
-        found = engine.catalog.add_member(user, group)
+        found = engine.catalog.add_member(user_id(engine, user), group)
     done(f"user {found.id} is in {', '.join(found.groups)}")
 
 
 @users_app.command("remove-group")
-def users_remove_group(ctx: typer.Context, user: str, group: str) -> None:
+def users_remove_group(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="user id, or the email of one user")],
+    group: str,
+) -> None:
     """Take a user out of a group."""
     with opened(ctx) as engine:
-        found = engine.catalog.user(user)
+        found = engine.catalog.user(user_id(engine, user))
         if found is None:
             raise InvalidInput(f"no user {user!r}")
         if group not in found.groups:
             raise InvalidInput(f"user {user!r} is not in group {group!r}")
-        found = engine.catalog.remove_member(user, group)
+        synced = group in found.synced_groups
+        found = engine.catalog.remove_member(found.id, group)
     groups = ", ".join(found.groups) or "no group"
     done(f"user {found.id} left {group}; now in {groups}")
+    if synced:
+        notice(
+            f"{group!r} came from Open WebUI's groups: it comes back with the user's next chat "
+            "while Open WebUI has them in it (remove them there, or set openwebui_groups = "
+            '"ignore")'
+        )
 
 
 @groups_app.command("multiplier")
@@ -358,6 +423,7 @@ def wallet_top_up(
     if amount == 0:
         raise InvalidInput("credits to add must not be zero")
     with opened(ctx) as engine:
+        user = user_id(engine, user)
         funded = engine.catalog.top_up(user, amount, note)
     done(f"wallet of {user}: {format_amount(Metric.CREDITS, funded)} credits put in so far")
 
@@ -372,6 +438,7 @@ def wallet_show(
     import asyncio
 
     with opened(ctx) as engine:
+        user = user_id(engine, user)
         funded = engine.catalog.wallet_funded(user)
         statuses = asyncio.run(engine.status(user))
     wallet = next((s for s in statuses if s.label.startswith("wallet of")), None)

@@ -12,7 +12,17 @@ from typing import Annotated, Any
 
 import typer
 
-from quotagate.admin.common import TableOrJson, done, note, opened, out, print_json, state, table
+from quotagate.admin.common import (
+    TableOrJson,
+    done,
+    note,
+    opened,
+    out,
+    print_json,
+    state,
+    table,
+    user_id,
+)
 from quotagate.config import ChannelConfig
 from quotagate.core.errors import InvalidInput
 
@@ -40,12 +50,23 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(min=1, help="worker processes sharing the store [default: 1]")
     ] = None,
+    quota_api_only: Annotated[
+        bool,
+        typer.Option(
+            "--quota-api-only",
+            help="only the quota API the Open WebUI filters call: no model routes, no demo "
+            "upstream (setting quota_api_only)",
+        ),
+    ] = False,
 ) -> None:
     """Run the OpenAI-compatible gateway. With no channel configured it routes to a
-    built-in demo model, on the embedded SQLite store (created on first use)."""
+    built-in demo model, on the embedded SQLite store (created on first use). With
+    --quota-api-only it serves only the quota API of the Open WebUI filters."""
     from quotagate.gateway.server import serve as run
 
     settings = state(ctx).settings()
+    if quota_api_only:
+        settings = settings.model_copy(update={"quota_api_only": True})
     run(
         settings,
         host or settings.host,
@@ -78,7 +99,7 @@ def keys_create(
     """Create an API key. Its secret is printed once and stored only as a hash."""
     with opened(ctx, create=True) as engine:
         key, secret = engine.catalog.create_key(
-            user, name, model or None, trusted_openwebui=trusted_openwebui
+            user_id(engine, user), name, model or None, trusted_openwebui=trusted_openwebui
         )
     done(f"created key {key.id} for {key.user_id}" + (f" ({name})" if name else ""))
     note("the secret is shown this once; store it now")
@@ -93,7 +114,7 @@ def keys_list(
 ) -> None:
     """List keys (id, user, name, models, created, revoked) — never their secrets."""
     with opened(ctx) as engine:
-        keys = engine.catalog.keys(user)
+        keys = engine.catalog.keys(None if user is None else user_id(engine, user))
     records = [
         {
             "id": k.id,

@@ -23,6 +23,7 @@ from quotagate.admin.common import (
     print_json,
     state,
     table,
+    user_id,
 )
 from quotagate.admin.reports import (
     STATUS_COLUMNS,
@@ -52,7 +53,9 @@ def usage(
     by: Annotated[GroupBy, typer.Option("--by", help="one row per user, model or day")] = (
         GroupBy.user
     ),
-    user: Annotated[str | None, typer.Option(help="only this user", show_default=False)] = None,
+    user: Annotated[
+        str | None, typer.Option(help="only this user (id, or email)", show_default=False)
+    ] = None,
     model: Annotated[str | None, typer.Option(help="only this model", show_default=False)] = None,
     since: Annotated[
         str | None,
@@ -75,13 +78,13 @@ def usage(
     end = parse_instant(until, tz, end_of_day=True) if until else None
     if start and end and end <= start:
         raise InvalidInput(f"--until ({until}) must be after --since ({since})")
-    query = EventQuery(
-        user_id=user,
-        model=model,
-        since=start.timestamp() if start else None,
-        until=end.timestamp() if end else None,
-    )
     with opened(ctx) as engine:
+        query = EventQuery(
+            user_id=None if user is None else user_id(engine, user),
+            model=model,
+            since=start.timestamp() if start else None,
+            until=end.timestamp() if end else None,
+        )
         sums = asyncio.run(engine.store.usage(query, STORE_GROUPS[by]))
     rows = usage_rows(sums, by, tz)
     if format is Format.json:
@@ -122,12 +125,13 @@ def _table_cells(row: UsageSum) -> list[object]:
 
 def status(
     ctx: typer.Context,
-    user: Annotated[str, typer.Argument(help="user id")],
+    user: Annotated[str, typer.Argument(help="user id, or the email of one user")],
     format: Annotated[TableOrJson, typer.Option("--format", "-f")] = TableOrJson.table,
 ) -> None:
     """Every limit that binds a user: amount, used, reserved, left and when it resets."""
     tz = state(ctx).settings().timezone
     with opened(ctx) as engine:
+        user = user_id(engine, user)
         known = engine.catalog.user(user) is not None
         statuses = asyncio.run(engine.status(user))
     if format is TableOrJson.json:

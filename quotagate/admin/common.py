@@ -235,3 +235,14 @@ def done(message: str) -> None:
 def note(message: str) -> None:
     """A remark that is not an error (yellow, on stderr so scripts' stdout stays clean)."""
     err.print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True)
+
+
+def user_id(engine: Engine, name: str) -> str:
+    """The user id an admin means by `name`: a user id, or the email of exactly one user
+    (Open WebUI's users are known by a UUID; admins know their email). An email nobody
+    has is kept as an id, as any unknown id is (a user created before they first chat)."""
+    found = engine.catalog.find_users(name)
+    if len(found) > 1:
+        ids = ", ".join(u.id for u in found)
+        raise InvalidInput(f"{len(found)} users have the email {name!r} ({ids}): name one by id")
+    return found[0].id if found else name

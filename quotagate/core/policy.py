@@ -19,11 +19,23 @@ _BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 
 @dataclass(frozen=True)
 class User:
+    """A user as the catalog holds them. `groups` are all memberships; `synced_groups` the
+    part a caller's sync (Open WebUI's groups) added, which the next sync may take away;
+    the rest an admin gave. `role_pinned`: an admin set the role, no sync changes it."""
+
     id: str
     role: str = "user"
     groups: tuple[str, ...] = ()
     email: str | None = None
     name: str | None = None
+    role_pinned: bool = False
+    synced_groups: tuple[str, ...] = ()
+
+    def in_step_with(self, groups: Iterable[str]) -> bool:
+        """True when syncing `groups` would change nothing: each is a membership already
+        (the admin's or the sync's), and no synced membership is missing from them."""
+        wanted = set(groups)
+        return wanted <= set(self.groups) and set(self.synced_groups) <= wanted
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,16 @@ _MODEL_ROUTES = {
 _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
 
+def quota_api_only(path: str) -> ApiError:
+    return ApiError(
+        404,
+        f"This QuotaGate serves only the quota API (quota_api_only), not {path}: "
+        "model calls go through Open WebUI's own connections.",
+        "invalid_request_error",
+        "quota_api_only",
+    )
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -129,7 +139,7 @@ class Gateway:
             channels = load_channels(self.settings, self.engine.catalog)
             if not channels and self._demo_url:
                 channels = [demo_channel(self._demo_url, self._demo_models)]
-        if not channels:
+        if not channels and not self.settings.quota_api_only:
             log.warning("no upstream channel is configured: every model call will get 404")
         self.router.set_channels(channels)
 
@@ -200,6 +210,8 @@ class Gateway:
         entry: dict[str, Any] = {"method": method, "path": path}
         outcome = Outcome()
         try:
+            if self.settings.quota_api_only and (endpoint is not None or path == "/v1/models"):
+                raise quota_api_only(path)
             if endpoint is not None:
                 if method != "POST":
                     raise method_not_allowed(method, path)

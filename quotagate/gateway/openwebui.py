@@ -6,7 +6,8 @@ points at QuotaGate with a key marked ``trusted_openwebui`` and forwards
 engine API the Filter Function and the Pipelines filter call. Both name a person by
 Open WebUI's user id and role; this module maps the role (``openwebui_roles``), creates
 the user on first sight and, by configuration, keeps role, email, name and groups in step
-with Open WebUI. Identical answers are remembered for a minute, so a steady stream of
+with Open WebUI — except what an admin set in QuotaGate (a pinned role, their
+memberships). Identical answers are remembered for a minute, so a steady stream of
 requests costs one dictionary lookup each, not a catalog write.
 
 Background tasks (title, tags and follow-up generation) reach the upstream as ordinary
@@ -36,8 +37,6 @@ USER_ID = b"x-openwebui-user-id"
 USER_EMAIL = b"x-openwebui-user-email"
 USER_NAME = b"x-openwebui-user-name"
 USER_ROLE = b"x-openwebui-user-role"
-#: how long an identity already written to the catalog is not written again
-REMEMBER_SECONDS = 60.0
 MAX_REMEMBERED = 50_000
 
 
@@ -104,15 +103,16 @@ class OpenWebUIUsers:
         engine: Engine,
         settings: Settings,
         *,
-        remember: float = REMEMBER_SECONDS,
+        remember: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.settings = settings
-        self.remember = remember
+        self.remember = settings.openwebui_cache_seconds if remember is None else remember
         self.monotonic = monotonic
         self._task_header = settings.openwebui_task_header.lower().encode("latin-1")
-        self._seen: dict[str, tuple[tuple[object, ...], float]] = {}
+        # person id -> (what Open WebUI said, until when it is trusted, their role)
+        self._seen: dict[str, tuple[tuple[object, ...], float, str]] = {}
 
     def role_for(self, openwebui_role: str | None) -> str:
         """The QuotaGate role of an Open WebUI role (`openwebui_roles`, else the default)."""
@@ -123,47 +123,43 @@ class OpenWebUIUsers:
         return self.settings.openwebui_default_role
 
     def sync(self, person: Person) -> str:
-        """Make sure the catalog knows `person` as configured; returns their QuotaGate role."""
-        role = self.role_for(person.role)
+        """Make sure the catalog knows `person` as configured; returns their QuotaGate role.
+
+        What an admin set in QuotaGate wins over what Open WebUI says: a role given with
+        `users set-role` is pinned, and Open WebUI's groups are added to the admin's
+        memberships instead of replacing them (:meth:`Catalog.sync_user`).
+        """
+        mapped = self.role_for(person.role)
         groups = person.groups if self.settings.openwebui_groups == "sync" else None
-        wanted = (role, person.role is not None, person.email, person.name, groups)
+        wanted = (mapped, person.role is not None, person.email, person.name, groups)
         now = self.monotonic()
         seen = self._seen.get(person.id)
         if seen is not None and seen[0] == wanted and seen[1] > now:
-            return role
+            return seen[2]
         catalog = self.engine.catalog
         known = catalog.user(person.id)
-        # only a known user's new role or groups change what the engine has cached (a new
-        # user is read from the catalog when first admitted; email and name bind nothing)
-        changed = False
-        if known is None:
-            catalog.ensure_user(
-                person.id, role, email=person.email, name=person.name, groups=groups
+        follow = self.settings.openwebui_sync_roles and person.role is not None
+        if (
+            known is None
+            or (follow and not known.role_pinned and known.role != mapped)
+            or (person.email and person.email != known.email)
+            or (person.name and person.name != known.name)
+            or (groups is not None and not known.in_step_with(groups))
+        ):
+            known, changed = catalog.sync_user(
+                person.id,
+                mapped,
+                follow_role=follow,
+                email=person.email,
+                name=person.name,
+                groups=groups,
             )
-        else:
-            new_role = (
-                role
-                if self.settings.openwebui_sync_roles
-                and person.role is not None
-                and known.role != role
-                else None
-            )
-            new_email = person.email if person.email and person.email != known.email else None
-            new_name = person.name if person.name and person.name != known.name else None
-            new_groups = groups if groups is not None and groups != known.groups else None
-            if new_role or new_email or new_name or new_groups is not None:
-                catalog.ensure_user(
-                    person.id, new_role, email=new_email, name=new_name, groups=new_groups
-                )
-                changed = bool(new_role) or new_groups is not None
-            if not self.settings.openwebui_sync_roles:
-                role = known.role
-        if changed:
-            self.engine.refresh()  # the next admit must see the new role or groups
+            if changed:
+                self.engine.refresh()  # the next admit must see the new role or groups
         if len(self._seen) >= MAX_REMEMBERED:
             self._seen.clear()
-        self._seen[person.id] = (wanted, now + self.remember)
-        return role
+        self._seen[person.id] = (wanted, now + self.remember, known.role)
+        return known.role
 
     def task(self, headers: dict[bytes, bytes]) -> str | None:
         """The Open WebUI task a request performs (from the ``{{TASK}}`` header), if any."""

@@ -5,7 +5,9 @@ app, see docs/benchmarks.md). With ``--workers N`` uvicorn starts N processes th
 build the app from :func:`build_app`; they share the SQLite store, whose reservations
 are atomic across processes. With no channel configured anywhere, the demo upstream
 (:mod:`quotagate.gateway.demo`) is started on a loopback port in this process and the
-gateway routes to it, so a fresh machine shows quotas working at once.
+gateway routes to it, so a fresh machine shows quotas working at once — unless
+``quota_api_only`` is set: a deployment whose Open WebUI filters only call the quota API
+gets no model routes and no demo.
 """
 
 from __future__ import annotations
@@ -117,6 +119,20 @@ def banner(settings: Settings, host: str, port: int, demo: DemoServer | None) ->
 
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
+    if settings.quota_api_only:
+        return "\n".join(
+            [
+                f"QuotaGate quota API on {url}/v1/quota  "
+                f"(database: {_database(settings.database_url)})",
+                "Quota API only: no model routes and no upstream, for the Open WebUI filters.",
+                "",
+                "Create the filters' service key (shown once):",
+                "  quotagate keys create --user openwebui --name 'Open WebUI' --trusted-openwebui",
+                f"and set the filter's quotagate_url valve to {url}.",
+                "",
+                "Quotas: quotagate status USER | Metrics: " + url + "/metrics",
+            ]
+        )
     lines = [f"QuotaGate gateway on {url}/v1  (database: {_database(settings.database_url)})"]
     if demo is not None:
         from quotagate.gateway.demo import DEFAULT_MODELS
@@ -171,10 +187,12 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
         configured = bool(settings.channels) or bool(ChannelStore(engine.catalog).list())
     finally:
         engine.catalog.db.dispose()
-    demo = None if configured else start_demo_upstream()
+    demo = None if configured or settings.quota_api_only else start_demo_upstream()
     # worker processes rebuild the settings from the environment: hand over what the
     # command line decided
     os.environ["QUOTAGATE_DATABASE_URL"] = settings.database_url
+    if settings.quota_api_only:
+        os.environ["QUOTAGATE_QUOTA_API_ONLY"] = "true"
     if demo is not None:
         os.environ[DEMO_URL_ENV] = demo.base_url
     configure_logging(settings.access_log)

@@ -54,7 +54,12 @@ QG_THREADS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="quota
 
 
 class QuotaGateRefused(Exception):
-    """QuotaGate refused the request; the message is for the person chatting."""
+    """QuotaGate refused the request; the message is for the person chatting. `status`:
+    429 over a quota, 400 (403) a request it cannot take (a model the key may not use)."""
+
+    def __init__(self, message: str, status: int = 429) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class QuotaGateUnavailable(Exception):
@@ -438,7 +443,8 @@ async def qg_admit(
         raise QuotaGateRefused(qg_refusal_text(answer))
     code = (answer.get("error") or {}).get("code") if isinstance(answer, dict) else None
     if status in (400, 404) or code == "model_not_allowed":
-        raise QuotaGateRefused(f"QuotaGate refused this request: {qg_error_message(answer)}")
+        text = f"QuotaGate refused this request: {qg_error_message(answer)}"
+        raise QuotaGateRefused(text, 403 if code == "model_not_allowed" else 400)
     raise QuotaGateUnavailable(f"QuotaGate answered HTTP {status}: {qg_error_message(answer)}")
 
 

@@ -53,7 +53,12 @@ QG_THREADS = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="quota
 
 
 class QuotaGateRefused(Exception):
-    """QuotaGate refused the request; the message is for the person chatting."""
+    """QuotaGate refused the request; the message is for the person chatting. `status`:
+    429 over a quota, 400 (403) a request it cannot take (a model the key may not use)."""
+
+    def __init__(self, message: str, status: int = 429) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class QuotaGateUnavailable(Exception):
@@ -437,7 +442,8 @@ async def qg_admit(
         raise QuotaGateRefused(qg_refusal_text(answer))
     code = (answer.get("error") or {}).get("code") if isinstance(answer, dict) else None
     if status in (400, 404) or code == "model_not_allowed":
-        raise QuotaGateRefused(f"QuotaGate refused this request: {qg_error_message(answer)}")
+        text = f"QuotaGate refused this request: {qg_error_message(answer)}"
+        raise QuotaGateRefused(text, 403 if code == "model_not_allowed" else 400)
     raise QuotaGateUnavailable(f"QuotaGate answered HTTP {status}: {qg_error_message(answer)}")
 
 
@@ -522,6 +528,23 @@ def _env_float(name: str, default: float) -> float:
         return default
 
 
+def _refuse(status: int, message: str) -> Any:
+    """The inlet's answer to a request that must not reach the model.
+
+    Raising would make the Pipelines server answer 500 whatever was raised, and Open WebUI
+    0.12.4 (routers/pipelines.py) drops the body of every error answer of a Pipelines
+    server, keeping only its status and reason phrase. So the status must say it: returned
+    as a response (which the server passes on as it is), 429 reaches an API client as
+    HTTP 429 and the web UI as "Too Many Requests", not as a server error. The message
+    rides along in `detail` for any client that reads it.
+    """
+    try:
+        from starlette.responses import JSONResponse
+    except ImportError:  # not inside the Pipelines server (which runs on FastAPI)
+        raise Exception(message) from None
+    return JSONResponse({"detail": message}, status_code=status)
+
+
 class Pipeline:
     class Valves(BaseModel):
         pipelines: list[str] = Field(
@@ -558,7 +581,7 @@ class Pipeline:
     async def on_valves_updated(self) -> None:
         pass
 
-    async def inlet(self, body: dict, user: dict | None = None) -> dict:
+    async def inlet(self, body: dict, user: dict | None = None) -> Any:
         person = user or {}
         if not person.get("id") or str(person.get("role") or "").lower() in qg_roles(
             self.valves.exempt_roles
@@ -571,18 +594,28 @@ class Pipeline:
         try:
             answer = await qg_admit(self.valves, person, body, None)
         except QuotaGateRefused as refused:
-            raise Exception(str(refused)) from None
+            return _refuse(refused.status, str(refused))
         except QuotaGateUnavailable as down:
             QG_LOG.error("QuotaGate: %s", down)
             if self.valves.fail_open:
                 return body
-            raise Exception(
+            return _refuse(
+                503,
                 "QuotaGate, which keeps track of chat quotas, cannot be reached right now. "
-                "Please try again in a moment."
-            ) from None
-        qg_clamp(body, int(answer["max_tokens"]))
+                "Please try again in a moment.",
+            )
         ui_path = bool(meta.get("session_id") and meta.get("chat_id"))
-        state = qg_new_state(answer, body, ui_path, False)
+        client_usage = qg_client_asked_usage(body)
+        options = body.get("stream_options")
+        qg_clamp(body, int(answer["max_tokens"]))
+        if body.get("stream") and not ui_path and not client_usage:
+            # No stream hook can take the usage chunk out again before Open WebUI hands it
+            # to an API client that never asked for it: do not ask; outlet counts the text.
+            if options is None:
+                body.pop("stream_options", None)
+            else:
+                body["stream_options"] = options
+        state = qg_new_state(answer, body, ui_path, client_usage)
         message_id = meta.get("message_id")
         if message_id:
             link = (str(person["id"]), str(meta.get("chat_id") or ""), str(message_id))

@@ -15,10 +15,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from typing import TypeVar
 
 import sqlalchemy as sa
 
@@ -33,6 +34,10 @@ from quotagate.store import schema as t
 log = logging.getLogger("quotagate.catalog")
 
 KEY_PREFIX = "qg-"
+#: who made a membership (memberships.source)
+ADMIN = "admin"
+SYNC = "sync"
+_T = TypeVar("_T")
 #: how often to try creating a user that other processes may be creating at the same time
 _CREATE_ATTEMPTS = 5
 
@@ -88,25 +93,59 @@ class Catalog:
                 conn.execute(sa.insert(t.meta).values(key=key, value=value))
 
     # -- users and groups ------------------------------------------------------------
+    # Two voices change a user: an admin (`users set-role`, `users add-group`) and a sync
+    # (Open WebUI's role and groups, forwarded by the gateway or sent by the filters). The
+    # admin wins: a role an admin set is pinned, and a sync only adds and removes the
+    # memberships it made itself, so a user's groups are the admin's plus Open WebUI's.
     def user(self, user_id: str) -> User | None:
         with self.db.connect() as conn:
-            row = conn.execute(sa.select(t.users).where(t.users.c.id == user_id)).first()
-            if row is None:
-                return None
-            groups = conn.execute(
-                sa.select(t.memberships.c.group_name).where(t.memberships.c.user_id == user_id)
-            ).scalars()
-            return User(row.id, row.role, tuple(sorted(groups)), row.email, row.name)
+            return self._read_user(conn, user_id)
+
+    def _read_user(self, conn: sa.Connection, user_id: str) -> User | None:
+        row = conn.execute(sa.select(t.users).where(t.users.c.id == user_id)).first()
+        if row is None:
+            return None
+        members = conn.execute(
+            sa.select(t.memberships.c.group_name, t.memberships.c.source).where(
+                t.memberships.c.user_id == user_id
+            )
+        ).all()
+        return _user(row, [(m.group_name, m.source) for m in members])
 
     def users(self) -> list[User]:
         with self.db.connect() as conn:
             rows = conn.execute(sa.select(t.users).order_by(t.users.c.id)).all()
-            members: dict[str, list[str]] = {}
+            members: dict[str, list[tuple[str, str]]] = {}
             for m in conn.execute(sa.select(t.memberships)):
-                members.setdefault(m.user_id, []).append(m.group_name)
-        return [
-            User(r.id, r.role, tuple(sorted(members.get(r.id, []))), r.email, r.name) for r in rows
-        ]
+                members.setdefault(m.user_id, []).append((m.group_name, m.source))
+        return [_user(r, members.get(r.id, [])) for r in rows]
+
+    def find_users(self, text: str) -> list[User]:
+        """The user whose id is `text`, else every user whose email is `text` (any case):
+        admins name people by the email they sign in with, QuotaGate by Open WebUI's id."""
+        found = self.user(text)
+        if found is not None or "@" not in text:
+            return [found] if found is not None else []
+        with self.db.connect() as conn:
+            ids = conn.execute(
+                sa.select(t.users.c.id)
+                .where(sa.func.lower(t.users.c.email) == text.strip().lower())
+                .order_by(t.users.c.id)
+            ).scalars()
+            return [u for u in (self._read_user(conn, i) for i in list(ids)) if u is not None]
+
+    def _write(self, change: Callable[[sa.Connection], _T]) -> _T:
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                with self.db.begin() as conn:
+                    return change(conn)
+            except (sa.exc.IntegrityError, sa.exc.OperationalError):
+                # Another process created the same user, group or membership at this very
+                # moment (several gateway workers seeing a new user at once): look again.
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def ensure_user(
         self,
@@ -117,32 +156,78 @@ class Catalog:
         name: str | None = None,
         groups: Sequence[str] | None = None,
     ) -> User:
-        """Create the user if unknown; update the fields given. Returns the stored user."""
+        """Create the user if unknown; update the fields given (`groups`: exactly these,
+        as an admin's). Returns the stored user."""
         _check_name(user_id, "user id")
-        for attempt in range(_CREATE_ATTEMPTS):
-            try:
-                with self.db.begin() as conn:
-                    self._ensure_user(conn, user_id, role, email, name, groups)
-                break
-            except (sa.exc.IntegrityError, sa.exc.OperationalError):
-                # Another process created the same user, group or membership at this very
-                # moment (several gateway workers seeing a new user at once): look again.
-                if attempt == _CREATE_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.01 * (attempt + 1))
+
+        def change(conn: sa.Connection) -> None:
+            self._upsert_user(conn, user_id, role, email, name)
+            if groups is not None:
+                self._set_groups(conn, user_id, groups, ADMIN)
+
+        self._write(change)
         user = self.user(user_id)
         assert user is not None
         return user
 
-    def _ensure_user(
+    def sync_user(
+        self,
+        user_id: str,
+        role: str | None = None,
+        *,
+        follow_role: bool = False,
+        email: str | None = None,
+        name: str | None = None,
+        groups: Sequence[str] | None = None,
+    ) -> tuple[User, bool]:
+        """What a caller (Open WebUI) says about a user. Unknown: created with `role`.
+        Known: `role` replaces theirs if `follow_role` and no admin pinned it; `groups`
+        replace the memberships earlier syncs made, never an admin's. Returns the user and
+        whether their role or groups changed (what the engine's snapshot must learn)."""
+        _check_name(user_id, "user id")
+
+        def change(conn: sa.Connection) -> bool:
+            known = self._read_user(conn, user_id)
+            new_role = role if known is None or (follow_role and not known.role_pinned) else None
+            self._upsert_user(conn, user_id, new_role, email, name)
+            regrouped = groups is not None and self._set_groups(conn, user_id, groups, SYNC)
+            # a new user is read from the catalog when first admitted; email and name bind
+            # nothing
+            return known is not None and (new_role not in (None, known.role) or regrouped)
+
+        changed = self._write(change)
+        user = self.user(user_id)
+        assert user is not None
+        return user, changed
+
+    def set_role(self, user_id: str, role: str | None) -> User:
+        """An admin's role for the user (created if unknown), pinned against syncs; None
+        unpins it: the next sync sets Open WebUI's role again."""
+        _check_name(user_id, "user id")
+
+        def change(conn: sa.Connection) -> None:
+            self._upsert_user(conn, user_id, role, None, None)
+            conn.execute(
+                sa.update(t.users)
+                .where(t.users.c.id == user_id)
+                .values(role_pinned=role is not None)
+            )
+            self._bump(conn)
+
+        self._write(change)
+        user = self.user(user_id)
+        assert user is not None
+        return user
+
+    def _upsert_user(
         self,
         conn: sa.Connection,
         user_id: str,
         role: str | None,
         email: str | None,
         name: str | None,
-        groups: Sequence[str] | None,
-    ) -> None:
+    ) -> bool:
+        """Insert or update the user row; True if anything changed."""
         row = conn.execute(sa.select(t.users).where(t.users.c.id == user_id)).first()
         changes = {
             k: v for k, v in (("role", role), ("email", email), ("name", name)) if v is not None
@@ -157,33 +242,56 @@ class Catalog:
                     created_at=time.time(),
                 )
             )
-            self._bump(conn)
         elif any(getattr(row, k) != v for k, v in changes.items()):
             conn.execute(sa.update(t.users).where(t.users.c.id == user_id).values(**changes))
-            self._bump(conn)
-        if groups is not None:
-            self._set_groups(conn, user_id, groups)
+        else:
+            return False
+        self._bump(conn)
+        return True
 
-    def _set_groups(self, conn: sa.Connection, user_id: str, groups: Sequence[str]) -> None:
-        current = set(
+    def _set_groups(
+        self, conn: sa.Connection, user_id: str, groups: Sequence[str], source: str
+    ) -> bool:
+        """ADMIN: exactly these memberships, all the admin's. SYNC: these plus the admin's
+        (a sync adds what is missing and removes only what an earlier sync added)."""
+        current = dict(
             conn.execute(
-                sa.select(t.memberships.c.group_name).where(t.memberships.c.user_id == user_id)
-            ).scalars()
+                sa.select(t.memberships.c.group_name, t.memberships.c.source).where(
+                    t.memberships.c.user_id == user_id
+                )
+            ).all()
         )
         wanted = set(groups)
-        if current == wanted:
-            return
-        for group in wanted - current:
+        added = wanted - set(current)
+        mine = set(current) if source == ADMIN else {g for g, s in current.items() if s == SYNC}
+        removed = mine - wanted
+        # an admin naming a group a sync made takes it over; a sync never takes the admin's
+        claimed = {g for g in wanted & set(current) if current[g] == SYNC and source == ADMIN}
+        if not (added or removed or claimed):
+            return False
+        for group in sorted(added):
             self._ensure_group(conn, group)
-            conn.execute(sa.insert(t.memberships).values(user_id=user_id, group_name=group))
-        if current - wanted:
+            conn.execute(
+                sa.insert(t.memberships).values(user_id=user_id, group_name=group, source=source)
+            )
+        if removed:
             conn.execute(
                 sa.delete(t.memberships).where(
                     t.memberships.c.user_id == user_id,
-                    t.memberships.c.group_name.in_(current - wanted),
+                    t.memberships.c.group_name.in_(removed),
                 )
             )
+        if claimed:
+            conn.execute(
+                sa.update(t.memberships)
+                .where(
+                    t.memberships.c.user_id == user_id,
+                    t.memberships.c.group_name.in_(claimed),
+                )
+                .values(source=ADMIN)
+            )
         self._bump(conn)
+        return True
 
     def _ensure_group(self, conn: sa.Connection, name: str) -> None:
         _check_name(name, "group name")
@@ -191,12 +299,39 @@ class Catalog:
             conn.execute(sa.insert(t.groups).values(name=name, multiplier="1"))
 
     def add_member(self, user_id: str, group: str) -> User:
-        user = self.ensure_user(user_id)
-        return self.ensure_user(user_id, groups=sorted({*user.groups, group}))
+        """An admin's membership (the user is created if unknown): kept whatever Open
+        WebUI's groups say; a membership a sync made becomes the admin's."""
+        _check_name(user_id, "user id")
+        member = (t.memberships.c.user_id == user_id) & (t.memberships.c.group_name == group)
+
+        def change(conn: sa.Connection) -> None:
+            self._upsert_user(conn, user_id, None, None, None)
+            self._ensure_group(conn, group)
+            claimed = conn.execute(sa.update(t.memberships).where(member).values(source=ADMIN))
+            if claimed.rowcount == 0:
+                conn.execute(
+                    sa.insert(t.memberships).values(user_id=user_id, group_name=group, source=ADMIN)
+                )
+            self._bump(conn)
+
+        self._write(change)
+        user = self.user(user_id)
+        assert user is not None
+        return user
 
     def remove_member(self, user_id: str, group: str) -> User:
-        user = self.ensure_user(user_id)
-        return self.ensure_user(user_id, groups=[g for g in user.groups if g != group])
+        """Take the user out of the group, whoever put them in (a membership that came
+        from Open WebUI comes back with the next sync while Open WebUI still has it)."""
+        with self.db.begin() as conn:
+            conn.execute(
+                sa.delete(t.memberships).where(
+                    t.memberships.c.user_id == user_id, t.memberships.c.group_name == group
+                )
+            )
+            self._bump(conn)
+        user = self.user(user_id)
+        assert user is not None
+        return user
 
     def set_multiplier(self, group: str, multiplier: Decimal | str | float) -> None:
         value = _decimal(multiplier, "multiplier")
@@ -502,6 +637,18 @@ class Catalog:
             pools=self.pools(),
             default_price=default_price,
         )
+
+
+def _user(row: sa.Row, members: Sequence[tuple[str, str]]) -> User:
+    return User(
+        row.id,
+        row.role,
+        tuple(sorted(g for g, _ in members)),
+        row.email,
+        row.name,
+        role_pinned=bool(row.role_pinned),
+        synced_groups=tuple(sorted(g for g, source in members if source == SYNC)),
+    )
 
 
 def _digest(secret: str) -> str:

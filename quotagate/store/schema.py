@@ -39,6 +39,9 @@ users = Table(
     Column("email", String(255)),
     Column("name", String(255)),
     Column("created_at", Float, nullable=False),
+    # set by `users set-role`: the role no longer follows what Open WebUI (or a library
+    # caller) says; `users set-role ID --follow-openwebui` clears it
+    Column("role_pinned", Boolean, nullable=False, server_default="0"),
 )
 
 groups = Table(
@@ -56,6 +59,9 @@ memberships = Table(
     Column(
         "group_name", String(255), ForeignKey("groups.name", ondelete="CASCADE"), primary_key=True
     ),
+    # "admin" (users add-group) or "sync" (the groups Open WebUI's filter sends): a sync
+    # adds and removes only its own memberships
+    Column("source", String(16), nullable=False, server_default="admin"),
 )
 
 limits = Table(

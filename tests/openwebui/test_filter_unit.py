@@ -644,8 +644,9 @@ def _imports(source: str) -> set[str]:
 @pytest.mark.parametrize("source", [function_source(), pipeline_source()], ids=["fn", "pipe"])
 def test_the_files_are_self_contained(source: str) -> None:
     """Standard library and pydantic only (Open WebUI in offline mode installs nothing),
-    never quotagate; no `requirements:` line; Open WebUI's own modules only where guarded."""
-    allowed = set(sys.stdlib_module_names) | {"pydantic", "open_webui"}
+    never quotagate; no `requirements:` line; Open WebUI's own modules, and the starlette
+    the Pipelines server runs on, only where guarded."""
+    allowed = set(sys.stdlib_module_names) | {"pydantic", "open_webui", "starlette"}
     assert _imports(source) <= allowed
     assert "quotagate" not in _imports(source)
     frontmatter = source.split('"""')[1]

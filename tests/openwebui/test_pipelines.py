@@ -6,7 +6,8 @@ used). So this module serves the filter file the way that server does — a smal
 with the same routes and behaviour as its main.py: the file's `Pipeline` class loaded
 from the pipelines directory, ``GET /models`` listing it as a filter, ``POST
 /{id}/filter/inlet|outlet`` taking ``{"user": ..., "body": ...}`` and answering the body,
-an exception answered 500 ``{"detail": str(e)}`` — and calls it the way Open WebUI's
+an exception answered 500 ``{"detail": str(e)}``, a returned response sent as it is — and
+calls it the way Open WebUI's
 routers/pipelines.py does (process_pipeline_inlet_filter / _outlet_filter), against a real
 QuotaGate on loopback. The Pipeline class's methods are also called directly where that
 is clearer.
@@ -31,7 +32,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from quotagate.core.limits import Metric, Scope
@@ -86,6 +87,8 @@ def pipelines_app(pipeline: Any) -> Starlette:
                 body = await getattr(modules[pid], name)(form["body"], form.get("user"))
             except Exception as e:
                 return JSONResponse({"detail": f"{e!s}"}, status_code=500)
+            if isinstance(body, Response):  # FastAPI sends a returned response as it is
+                return body
             return JSONResponse(body)
 
         return handler
@@ -264,10 +267,25 @@ async def test_a_refusal_reaches_open_webui_as_the_detail(
 ) -> None:
     gw.limit(Scope.USER, "u-bob", Metric.TOKENS, "day", 5)
     status, detail = call_filter(server, "inlet", inlet_body(), owui_user("u-bob"))
-    assert status == 500  # the Pipelines server answers 500 {"detail": str(e)}
+    assert status == 429  # a response of the filter's, not the 500 of an exception
     assert "your daily token allowance" in detail
     assert "It resets at 00:00 Europe/Berlin (in " in detail
     assert await gw.pending() == 0
+
+
+async def test_api_streams_are_not_given_a_usage_chunk_they_did_not_ask_for(
+    server: PipelinesServer, gw: RunningGateway
+) -> None:
+    """Open WebUI hands an API client every chunk the upstream sends; a Pipelines filter
+    has no stream hook to take the usage chunk out, so it must not ask for it."""
+    status, sent = call_filter(server, "inlet", inlet_body(stream=True), owui_user())
+    assert status == 200 and "stream_options" not in sent
+    asked = {**inlet_body(stream=True), "stream_options": {"include_usage": False}}
+    status, sent = call_filter(server, "inlet", asked, owui_user())
+    assert sent["stream_options"] == {"include_usage": False}
+    asked["stream_options"] = {"include_usage": True}
+    status, sent = call_filter(server, "inlet", asked, owui_user())
+    assert sent["stream_options"] == {"include_usage": True}
 
 
 async def test_concurrent_ui_chats_settle_their_own_tickets(
@@ -351,7 +369,7 @@ async def test_exempt_roles_and_fail_modes_from_the_environment(
     monkeypatch.setenv("QUOTAGATE_EXEMPT_ROLES", "admin")
     with running_pipelines(pipes_dir) as closed:
         status, detail = call_filter(closed, "inlet", inlet_body(), owui_user())
-        assert status == 500 and "cannot be reached" in detail
+        assert status == 503 and "cannot be reached" in detail
         status, _ = call_filter(closed, "inlet", inlet_body(), owui_user(role="admin"))
         assert status == 200
     monkeypatch.setenv("QUOTAGATE_FAIL_OPEN", "true")
