@@ -9,17 +9,20 @@ exactly one ledger row; `cancel` releases it; `sweep` settles tickets whose leas
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
 
 from quotagate.config import Settings
 from quotagate.core.decisions import Decision, Hold
@@ -27,6 +30,7 @@ from quotagate.core.errors import (
     InvalidInput,
     QuotaExceeded,
     Refusal,
+    StoreUnavailable,
     UnknownModel,
     UnknownTicket,
 )
@@ -39,6 +43,8 @@ from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageE
 from quotagate.store.catalog import Catalog
 
 log = logging.getLogger("quotagate.engine")
+
+T = TypeVar("T")
 
 LIFETIME = parse_window("lifetime")
 #: counters deleted per store call when pruning: each call is one short write transaction
@@ -179,6 +185,8 @@ class Engine:
         self.catalog = catalog
         self.settings = settings
         self.counter = TokenCounter(settings.bytes_per_token)
+        #: where catalog calls that may wait for the database run (see catalog_call)
+        self._catalog_calls = ThreadPoolExecutor(2, thread_name_prefix="quotagate-catalog")
         self._policy: Policy | None = None
         self._version = -1
         self._checked = 0.0
@@ -223,12 +231,34 @@ class Engine:
             per_output_tokens=1_000_000,
         )
 
-    def _user(self, ctx: AdmitContext) -> User:
+    async def catalog_call(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`work(*args, **kwargs)` (a catalog call) on a thread, waited for at most
+        `store_timeout`; StoreUnavailable if it takes longer or the database is locked.
+
+        A catalog write waits for SQLite's write lock like the store's writes do: on the
+        event loop it would stop every request, stream and health check while another
+        process holds the lock. Reads need not come here (in WAL mode a reader never
+        waits for a writer). A call that times out still runs to its end; the catalog's
+        writes are idempotent (create the user if unknown, set these groups)."""
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(self._catalog_calls, functools.partial(work, *args, **kwargs))
+        try:
+            return await asyncio.wait_for(call, self.settings.store_timeout)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the catalog did not answer within {self.settings.store_timeout:g} s"
+            ) from None
+        except OperationalError as exc:
+            raise StoreUnavailable(f"the catalog failed: {exc.orig}") from None
+
+    async def _user(self, ctx: AdmitContext) -> User:
         user = self._users.get(ctx.user)
         if user is None or (ctx.groups is not None and tuple(sorted(ctx.groups)) != user.groups):
             user = self.catalog.user(ctx.user)
             if user is None or (ctx.groups is not None and set(ctx.groups) != set(user.groups)):
-                user = self.catalog.ensure_user(ctx.user, ctx.role, groups=ctx.groups)
+                user = await self.catalog_call(
+                    self.catalog.ensure_user, ctx.user, ctx.role, groups=ctx.groups
+                )
             self._users[ctx.user] = user
         return user
 
@@ -248,7 +278,7 @@ class Engine:
             )
         prompt_tokens = self._prompt_tokens(ctx)
         policy = self.policy()
-        user = self._user(ctx)
+        user = await self._user(ctx)
         price = policy.price(ctx.model, at) or policy.default_price
         if price is None:
             raise UnknownModel(f"model {ctx.model!r} has no price and unpriced models are refused")
@@ -654,6 +684,8 @@ class Engine:
     async def close(self) -> None:
         await self.store.close()
         self.catalog.db.dispose()
+        # not waited for: a call stuck on a lock held elsewhere ends by its busy timeout
+        self._catalog_calls.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> Engine:
         return self

@@ -42,6 +42,7 @@ from quotagate.gateway.errors import (
     model_forbidden,
     model_not_found,
     not_found,
+    store_unavailable,
 )
 from quotagate.gateway.observe import Metrics, log_access
 from quotagate.gateway.openwebui import OpenWebUIUsers
@@ -156,6 +157,8 @@ class Gateway:
                     next_sweep = time.monotonic() + self.settings.sweep_seconds
                     await self.engine.sweep(self.clock())
                     await self.engine.prune(self.clock())
+            except StoreUnavailable as exc:  # the requests waiting for it say so too
+                log.warning("gateway maintenance waits for the store: %s", exc)
             except Exception:
                 log.exception("gateway maintenance failed; retrying")
 
@@ -252,7 +255,7 @@ class Gateway:
         headers = header_map(scope)
         key = self.auth.key(headers)
         entry["key"] = key.id
-        user, role = self.openwebui.charged(key, headers)
+        user, role = await self.openwebui.charged(key, headers)
         entry["user"] = user
         raw = await read_body(receive, headers, self.settings.max_body_bytes)
         call = parse(endpoint, raw, self.engine.counter)
@@ -272,13 +275,7 @@ class Gateway:
                 404, str(exc), "invalid_request_error", "model_not_priced", "model"
             ) from None
         except StoreUnavailable as exc:
-            log.error("quota store unavailable: %s", exc)
-            raise ApiError(
-                503,
-                "The quota store is unavailable; retry shortly.",
-                "server_error",
-                "store_unavailable",
-            ) from None
+            raise store_unavailable(exc, self.settings.store_timeout) from None
 
     async def _models(self, scope: Scope, send: Send, entry: dict[str, Any], wanted: str) -> int:
         key = self.auth.key(header_map(scope))
@@ -296,7 +293,7 @@ class Gateway:
 
     async def _ready(self, send: Send) -> int:
         try:
-            self.engine.catalog.version()
+            await self.engine.catalog_call(self.engine.catalog.version)
         except Exception as exc:
             await respond(
                 send, 503, orjson.dumps({"status": "unavailable", "database": type(exc).__name__})

@@ -46,7 +46,13 @@ from quotagate.core.pricing import Usage
 from quotagate.engine import AdmitContext, Engine, LimitStatus, Ticket
 from quotagate.gateway.asgi import Receive, Scope, Send, header_map, read_body, respond
 from quotagate.gateway.auth import Authenticator
-from quotagate.gateway.errors import ApiError, bad_request, method_not_allowed, not_found
+from quotagate.gateway.errors import (
+    ApiError,
+    bad_request,
+    method_not_allowed,
+    not_found,
+    store_unavailable,
+)
 from quotagate.gateway.openwebui import OpenWebUIUsers, Person, check_user_id, clean_groups
 from quotagate.gateway.ratelimit import refusal_error
 from quotagate.store.base import UsageEvent
@@ -245,13 +251,7 @@ class QuotaApi:
         except UnknownTicket as exc:
             raise ApiError(404, str(exc), "invalid_request_error", "unknown_ticket") from None
         except StoreUnavailable as exc:
-            log.error("quota store unavailable: %s", exc)
-            raise ApiError(
-                503,
-                "The quota store is unavailable; retry shortly.",
-                "server_error",
-                "store_unavailable",
-            ) from None
+            raise store_unavailable(exc, self.engine.settings.store_timeout) from None
         await respond(send, 200, out.model_dump_json().encode())
         return 200
 
@@ -287,7 +287,7 @@ class QuotaApi:
             req.user.name,
             clean_groups(req.user.groups) if req.user.groups is not None else None,
         )
-        role = self.users.sync(person)
+        role = await self.users.sync(person)
         now = self.clock()
         before = await self._limits(user_id, now) if req.status else None
         ticket = await self.engine.admit(

@@ -116,8 +116,10 @@ class OpenWebUIUsers:
                 return mapped
         return self.settings.openwebui_default_role
 
-    def sync(self, person: Person) -> str:
-        """Make sure the catalog knows `person` as configured; returns their QuotaGate role."""
+    async def sync(self, person: Person) -> str:
+        """Make sure the catalog knows `person` as configured; returns their QuotaGate role.
+
+        The catalog writes run through :meth:`Engine.catalog_call`, off the event loop."""
         role = self.role_for(person.role)
         groups = person.groups if self.settings.openwebui_groups == "sync" else None
         wanted = (role, person.role is not None, person.email, person.name, groups)
@@ -131,8 +133,13 @@ class OpenWebUIUsers:
         # user is read from the catalog when first admitted; email and name bind nothing)
         changed = False
         if known is None:
-            catalog.ensure_user(
-                person.id, role, email=person.email, name=person.name, groups=groups
+            await self.engine.catalog_call(
+                catalog.ensure_user,
+                person.id,
+                role,
+                email=person.email,
+                name=person.name,
+                groups=groups,
             )
         else:
             new_role = (
@@ -146,8 +153,13 @@ class OpenWebUIUsers:
             new_name = person.name if person.name and person.name != known.name else None
             new_groups = groups if groups is not None and groups != known.groups else None
             if new_role or new_email or new_name or new_groups is not None:
-                catalog.ensure_user(
-                    person.id, new_role, email=new_email, name=new_name, groups=new_groups
+                await self.engine.catalog_call(
+                    catalog.ensure_user,
+                    person.id,
+                    new_role,
+                    email=new_email,
+                    name=new_name,
+                    groups=new_groups,
                 )
                 changed = bool(new_role) or new_groups is not None
             if not self.settings.openwebui_sync_roles:
@@ -166,7 +178,7 @@ class OpenWebUIUsers:
             return None
         return value.decode("latin-1").strip() or None
 
-    def charged(self, key: ApiKey, headers: dict[bytes, bytes]) -> tuple[str, str | None]:
+    async def charged(self, key: ApiKey, headers: dict[bytes, bytes]) -> tuple[str, str | None]:
         """(user id, role for a first-seen user) a gateway request is charged to.
 
         Only a key marked ``trusted_openwebui`` may name someone else; without forwarded
@@ -179,4 +191,4 @@ class OpenWebUIUsers:
             return key.user_id, None
         if self.settings.openwebui_tasks == "key" and self.task(headers):
             return key.user_id, None
-        return person.id, self.sync(person)
+        return person.id, await self.sync(person)
