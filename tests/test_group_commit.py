@@ -40,11 +40,13 @@ async def engine(tmp_path: Path, isolated_environment: None) -> AsyncIterator[En
 
 
 def transactions(store: SQLiteStore) -> list[int]:
-    """A list that grows by one at every write transaction the store begins."""
+    """A list that grows by one at every write transaction the store begins (on the event
+    loop's connection or the writer thread's)."""
     begun: list[int] = []
-    store._conn.set_trace_callback(
-        lambda sql: begun.append(1) if sql.startswith("BEGIN IMMEDIATE") else None
-    )
+    for conn in (store._inline_conn, store._conn):
+        conn.set_trace_callback(
+            lambda sql: begun.append(1) if sql.startswith("BEGIN IMMEDIATE") else None
+        )
     return begun
 
 

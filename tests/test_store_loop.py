@@ -149,8 +149,11 @@ async def test_a_reservation_applied_after_its_caller_gave_up_is_released(
             slowed.append(sql)
             time.sleep(TIMEOUT * 2)  # on the writer thread, inside the transaction
 
-    store._conn.set_trace_callback(slow_first_commit)
-    spent, refused = await timed(engine.admit(alice(), now=NOW))
+    store._conn.set_trace_callback(slow_first_commit)  # the writer thread's connection
+    admitting = asyncio.create_task(timed(engine.admit(alice(), now=NOW)))
+    with write_lock_held(path):
+        await asyncio.sleep(0.1)  # the lock is taken: the admit waits on the writer thread
+    spent, refused = await admitting
     assert isinstance(refused, StoreUnavailable), refused
     assert spent < TIMEOUT * 1.5
     counters = "SELECT count(*), sum(reserved), sum(used) FROM counters"

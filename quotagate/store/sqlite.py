@@ -7,13 +7,15 @@ SQLite's write lock, so every check and its reservation are atomic across proces
 write's cost depends on the number of counters it touches, never on the size of the
 ledger, and concurrent requests share the transaction's fixed cost.
 
-No SQLite call runs on the event loop: the writes on the group commit's writer thread,
-which owns the write connection; reads, pruning and reconciling on a small pool of
-threads with connections of their own (in WAL mode a reader never waits for a writer).
-While another process holds the write lock the loop carries on, and a caller that cannot
-reach the store within `timeout` seconds gets :class:`StoreUnavailable`: a reservation
-is then withdrawn (released if it was made after all), while a settle or a release stays
-queued and is applied once the lock frees.
+No SQLite call waits on the event loop. A batch of writes runs there only if its
+transaction can begin at once (a connection with no busy timeout); otherwise, and after
+it, on the group commit's writer thread, whose connection waits for the lock. Reads,
+pruning and reconciling run on a small pool of threads with connections of their own
+(in WAL mode a reader never waits for a writer). While another process holds the write
+lock the loop carries on, and a caller that cannot reach the store within `timeout`
+seconds gets :class:`StoreUnavailable`: a reservation is then withdrawn (released if it
+was made after all), while a settle or a release stays queued and is applied once the
+lock frees.
 """
 
 from __future__ import annotations
@@ -108,8 +110,11 @@ class SQLiteStore:
         self.url = url or f"sqlite:///{path}"
         #: how long a caller waits for the store before it gets StoreUnavailable
         self.timeout = timeout
-        #: the write connection, used by the writer thread only
+        #: the writer thread's connection: waits for the lock a round at a time
         self._conn = connect(path, min(timeout, LOCK_ROUND_SECONDS))
+        #: the event loop's: never waits (Busy at once), so a batch it cannot apply goes
+        #: to the writer thread
+        self._inline_conn = connect(path, 0)
         self._closing = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="quotagate-sqlite-checkpoint", daemon=True
@@ -120,10 +125,11 @@ class SQLiteStore:
         self._job_conns: list[sqlite3.Connection] = []
         self._job_conns_lock = threading.Lock()
         self._writes: GroupCommit[_Write] = GroupCommit(
-            self._apply,
+            lambda writes: self._apply(writes, self._conn),
             timeout=timeout,
             withdraw=_withdrawn,
             undo=_undo,
+            inline=lambda writes: self._apply(writes, self._inline_conn),
             name="quotagate-sqlite-writer",
         )
 
@@ -200,15 +206,15 @@ class SQLiteStore:
     async def release(self, ticket_id: str) -> bool:
         return cast(bool, await self._writes.submit(_Release(ticket_id)))
 
-    def _apply(self, writes: Sequence[_Write]) -> list[object]:
-        """Apply a batch of writes in one transaction, each seeing the ones before it (on
-        the writer thread). Busy, with nothing applied, if the lock stayed taken.
+    def _apply(self, writes: Sequence[_Write], conn: sqlite3.Connection) -> list[object]:
+        """Apply a batch of writes in one transaction on `conn`, each seeing the ones
+        before it. Busy, with nothing applied, if the lock stayed taken.
 
         If the transaction fails for a reason that is not the store's (one write breaks a
         constraint, say), the writes are applied one by one, so each gets its own outcome.
         """
         try:
-            with self._transaction(self._conn) as conn:
+            with self._transaction(conn):
                 return _Batch(conn).apply(writes)
         except Busy:
             raise
@@ -217,11 +223,11 @@ class SQLiteStore:
         except Exception as exc:
             if len(writes) == 1:
                 return [exc]
-        return [self._apply_alone(write) for write in writes]
+        return [self._apply_alone(write, conn) for write in writes]
 
-    def _apply_alone(self, write: _Write) -> object:
+    def _apply_alone(self, write: _Write, conn: sqlite3.Connection) -> object:
         try:
-            return self._apply([write])[0]
+            return self._apply([write], conn)[0]
         except Busy as exc:  # another process took the lock between two of them
             return exc
 
@@ -324,6 +330,7 @@ class SQLiteStore:
                 conn.close()
             self._job_conns.clear()
         self._conn.close()
+        self._inline_conn.close()
 
 
 @dataclass(slots=True)
