@@ -214,10 +214,11 @@ class GroupCommit(Generic[Write]):
             log.warning("a write whose caller gave up failed as well: %s", outcome)
             return
         undo = self._undo(write, outcome)
+        kind = type(write).__name__
         if undo is None:
-            log.info("a write was applied after its caller gave up waiting: %r", write)
+            log.info("a %s was applied after its caller gave up waiting", kind)
             return
-        log.info("a write was applied after its caller gave up waiting; undoing it: %r", write)
+        log.info("a %s was applied after its caller gave up waiting; undoing it", kind)
         try:
             self._add(loop, undo).add_done_callback(_report_undo)
         except StoreUnavailable as exc:

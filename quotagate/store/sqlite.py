@@ -125,11 +125,11 @@ class SQLiteStore:
         self._job_conns: list[sqlite3.Connection] = []
         self._job_conns_lock = threading.Lock()
         self._writes: GroupCommit[_Write] = GroupCommit(
-            lambda writes: self._apply(writes, self._conn),
+            self._apply,
             timeout=timeout,
             withdraw=_withdrawn,
             undo=_undo,
-            inline=lambda writes: self._apply(writes, self._inline_conn),
+            inline=self._apply_inline,
             name="quotagate-sqlite-writer",
         )
 
@@ -206,13 +206,22 @@ class SQLiteStore:
     async def release(self, ticket_id: str) -> bool:
         return cast(bool, await self._writes.submit(_Release(ticket_id)))
 
-    def _apply(self, writes: Sequence[_Write], conn: sqlite3.Connection) -> list[object]:
-        """Apply a batch of writes in one transaction on `conn`, each seeing the ones
-        before it. Busy, with nothing applied, if the lock stayed taken.
+    def _apply(self, writes: Sequence[_Write]) -> list[object]:
+        """Apply a batch of writes in one transaction, each seeing the ones before it.
 
         If the transaction fails for a reason that is not the store's (one write breaks a
         constraint, say), the writes are applied one by one, so each gets its own outcome.
+        On the writer thread, whose connection waits for the lock a round at a time: Busy,
+        with nothing applied, if it stayed taken that long.
         """
+        return self._apply_on(self._conn, writes)
+
+    def _apply_inline(self, writes: Sequence[_Write]) -> list[object]:
+        """:meth:`_apply` on the event loop, whose connection never waits: Busy at once if
+        the lock is taken."""
+        return self._apply_on(self._inline_conn, writes)
+
+    def _apply_on(self, conn: sqlite3.Connection, writes: Sequence[_Write]) -> list[object]:
         try:
             with self._transaction(conn):
                 return _Batch(conn).apply(writes)
@@ -223,11 +232,11 @@ class SQLiteStore:
         except Exception as exc:
             if len(writes) == 1:
                 return [exc]
-        return [self._apply_alone(write, conn) for write in writes]
+        return [self._apply_alone(conn, write) for write in writes]
 
-    def _apply_alone(self, write: _Write, conn: sqlite3.Connection) -> object:
+    def _apply_alone(self, conn: sqlite3.Connection, write: _Write) -> object:
         try:
-            return self._apply([write], conn)[0]
+            return self._apply_on(conn, [write])[0]
         except Busy as exc:  # another process took the lock between two of them
             return exc
 
