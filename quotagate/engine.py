@@ -9,20 +9,17 @@ exactly one ledger row; `cancel` releases it; `sweep` settles tickets whose leas
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from pydantic import BaseModel
-from sqlalchemy.exc import OperationalError
 
 from quotagate.config import Settings
 from quotagate.core.decisions import Decision, Hold
@@ -30,7 +27,6 @@ from quotagate.core.errors import (
     InvalidInput,
     QuotaExceeded,
     Refusal,
-    StoreUnavailable,
     UnknownModel,
     UnknownTicket,
 )
@@ -41,10 +37,9 @@ from quotagate.core.tokens import TokenCounter
 from quotagate.core.windows import Window, parse_window
 from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent
 from quotagate.store.catalog import Catalog
+from quotagate.store.catalog_calls import CatalogCalls
 
 log = logging.getLogger("quotagate.engine")
-
-T = TypeVar("T")
 
 LIFETIME = parse_window("lifetime")
 #: counters deleted per store call when pruning: each call is one short write transaction
@@ -185,8 +180,8 @@ class Engine:
         self.catalog = catalog
         self.settings = settings
         self.counter = TokenCounter(settings.bytes_per_token)
-        #: where catalog calls that may wait for the database run (see catalog_call)
-        self._catalog_calls = ThreadPoolExecutor(2, thread_name_prefix="quotagate-catalog")
+        #: runs catalog calls that may wait for the database (writes) off the event loop
+        self.catalog_call = CatalogCalls(settings.store_timeout)
         self._policy: Policy | None = None
         self._version = -1
         self._checked = 0.0
@@ -230,26 +225,6 @@ class Engine:
             output_credits=self.settings.default_output_credits,
             per_output_tokens=1_000_000,
         )
-
-    async def catalog_call(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`work(*args, **kwargs)` (a catalog call) on a thread, waited for at most
-        `store_timeout`; StoreUnavailable if it takes longer or the database is locked.
-
-        A catalog write waits for SQLite's write lock like the store's writes do: on the
-        event loop it would stop every request, stream and health check while another
-        process holds the lock. Reads need not come here (in WAL mode a reader never
-        waits for a writer). A call that times out still runs to its end; the catalog's
-        writes are idempotent (create the user if unknown, set these groups)."""
-        loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(self._catalog_calls, functools.partial(work, *args, **kwargs))
-        try:
-            return await asyncio.wait_for(call, self.settings.store_timeout)
-        except TimeoutError:
-            raise StoreUnavailable(
-                f"the catalog did not answer within {self.settings.store_timeout:g} s"
-            ) from None
-        except OperationalError as exc:
-            raise StoreUnavailable(f"the catalog failed: {exc.orig}") from None
 
     async def _user(self, ctx: AdmitContext) -> User:
         user = self._users.get(ctx.user)
@@ -684,8 +659,7 @@ class Engine:
     async def close(self) -> None:
         await self.store.close()
         self.catalog.db.dispose()
-        # not waited for: a call stuck on a lock held elsewhere ends by its busy timeout
-        self._catalog_calls.shutdown(wait=False, cancel_futures=True)
+        self.catalog_call.close()
 
     async def __aenter__(self) -> Engine:
         return self

@@ -119,7 +119,7 @@ class OpenWebUIUsers:
     async def sync(self, person: Person) -> str:
         """Make sure the catalog knows `person` as configured; returns their QuotaGate role.
 
-        The catalog writes run through :meth:`Engine.catalog_call`, off the event loop."""
+        The catalog writes run through :attr:`Engine.catalog_call`, off the event loop."""
         role = self.role_for(person.role)
         groups = person.groups if self.settings.openwebui_groups == "sync" else None
         wanted = (role, person.role is not None, person.email, person.name, groups)
