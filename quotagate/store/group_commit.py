@@ -107,6 +107,7 @@ class GroupCommit(Generic[Write]):
         self._guard = threading.Lock()  # event loops in other threads may submit too
         self._queue: SimpleQueue[_Turn[Write] | None] = SimpleQueue()
         self._with_writer = 0  # turns handed to the writer and not yet applied
+        self._inline_busy = threading.Lock()  # held while a loop applies a turn itself
         self._closed = False
         self._deadline = float("inf")  # once closed: when the writer stops waiting for the lock
         self._stop = False
@@ -166,17 +167,21 @@ class GroupCommit(Generic[Write]):
 
     def _apply_inline(self, turn: _Turn[Write]) -> bool:
         """Apply the turn here if its transaction can begin at once; False if the lock
-        is taken (nothing was applied)."""
+        is taken, or another loop is applying a turn of its own (nothing was applied)."""
         assert self._inline is not None
         live = [p for p in turn.items if not p.future.cancelled()]
         if not live:
             return True
+        if not self._inline_busy.acquire(blocking=False):
+            return False
         try:
             outcomes = self._inline([p.write for p in live])
         except Busy:
             return False
         except Exception as exc:  # apply reports errors per write; this is a last resort
             outcomes = [exc] * len(live)
+        finally:
+            self._inline_busy.release()
         for pending, outcome in zip(live, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
