@@ -1,5 +1,5 @@
 """Group commit: the writes that an event loop's tasks submit in one turn share one
-transaction, applied on a writer thread so that waiting for the store never blocks the loop.
+transaction, and no wait for the store ever blocks the loop.
 
 A transaction's fixed cost (taking the write lock, writing and closing the WAL frames)
 is most of what an admit or a settle costs on SQLite. A gateway has many requests in
@@ -51,8 +51,9 @@ Apply = Callable[[Sequence[Write]], list[object]]
 
 
 class Busy(StoreUnavailable):
-    """What `apply` raises when the write lock stayed taken for one round of waiting:
-    nothing was applied, and the writer tries again (with the writes queued since)."""
+    """What `apply` raises when the write lock stayed taken for one round of waiting
+    (`inline`: when it was taken at all): nothing was applied, and the writer tries again,
+    with the writes queued since."""
 
 
 _UNAPPLIED = object()  # the outcome of a write the writer left out
