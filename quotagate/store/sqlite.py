@@ -102,6 +102,12 @@ def connect(path: str, timeout: float = 30.0) -> sqlite3.Connection:
     return conn
 
 
+def _waiting(conn: sqlite3.Connection, seconds: float) -> sqlite3.Connection:
+    """`conn`, waiting at most `seconds` for a lock from now on (once it is set up)."""
+    conn.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+    return conn
+
+
 class SQLiteStore:
     def __init__(
         self, path: str, url: str | None = None, *, timeout: float = DEFAULT_STORE_TIMEOUT
@@ -111,10 +117,10 @@ class SQLiteStore:
         #: how long a caller waits for the store before it gets StoreUnavailable
         self.timeout = timeout
         #: the writer thread's connection: waits for the lock a round at a time
-        self._conn = connect(path, min(timeout, LOCK_ROUND_SECONDS))
+        self._conn = _waiting(connect(path), min(timeout, LOCK_ROUND_SECONDS))
         #: the event loop's: never waits (Busy at once), so a batch it cannot apply goes
         #: to the writer thread
-        self._inline_conn = connect(path, 0)
+        self._inline_conn = _waiting(connect(path), 0)
         self._closing = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="quotagate-sqlite-checkpoint", daemon=True
