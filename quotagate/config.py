@@ -19,6 +19,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+#: seconds a request waits for the counter store before it is answered 503
+DEFAULT_STORE_TIMEOUT = 5.0
+
 
 class ChannelConfig(BaseModel):
     """An upstream the gateway routes to (a ``[[channels]]`` table of quotagate.toml).
@@ -82,6 +85,12 @@ class Settings(BaseSettings):
     default_daily_tokens: int = Field(100_000, ge=0, description="set by `quotagate init`")
     bytes_per_token: float = Field(3.0, gt=0, description="offline token estimate")
     catalog_refresh_seconds: float = Field(1.0, ge=0)
+    store_timeout: float = Field(
+        DEFAULT_STORE_TIMEOUT,
+        gt=0,
+        description="seconds a call waits for the store (another process holding SQLite's "
+        "write lock, say) before it fails with StoreUnavailable: HTTP 503 store_unavailable",
+    )
 
     # -- gateway (`quotagate serve`) ---------------------------------------------------
     host: str = "127.0.0.1"

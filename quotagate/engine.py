@@ -42,6 +42,7 @@ from quotagate.core.windows import Window, parse_window
 from quotagate.leases import LeaseKeeper
 from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent
 from quotagate.store.catalog import Catalog
+from quotagate.store.catalog_calls import CatalogCalls
 
 log = logging.getLogger("quotagate.engine")
 
@@ -185,6 +186,8 @@ class Engine:
         self.catalog = catalog
         self.settings = settings
         self.counter = TokenCounter(settings.bytes_per_token)
+        #: runs catalog calls that may wait for the database (writes) off the event loop
+        self.catalog_call = CatalogCalls(settings.store_timeout)
         self._policy: Policy | None = None
         self._version = -1
         self._checked = 0.0
@@ -233,13 +236,17 @@ class Engine:
             per_output_tokens=1_000_000,
         )
 
-    def _user(self, ctx: AdmitContext) -> User:
+    async def _user(self, ctx: AdmitContext) -> User:
         user = self._users.get(ctx.user)
         if user is None or (ctx.groups is not None and not user.in_step_with(ctx.groups)):
             user = self.catalog.user(ctx.user)
             if user is None or (ctx.groups is not None and not user.in_step_with(ctx.groups)):
                 # the caller's groups join the admin's; its role applies to a new user only
-                user, _ = self.catalog.sync_user(ctx.user, ctx.role, groups=ctx.groups)
+                # (a catalog write: off the event loop, bounded by store_timeout)
+                synced: tuple[User, bool] = await self.catalog_call(
+                    self.catalog.sync_user, ctx.user, ctx.role, groups=ctx.groups
+                )
+                user = synced[0]
             self._users[ctx.user] = user
         return user
 
@@ -275,7 +282,7 @@ class Engine:
         at = _moment(now)
         # everything that can refuse the request is checked before the user is created
         want, prompt_tokens, policy, price = self._validated(ctx, at)
-        user = self._user(ctx)
+        user = await self._user(ctx)
         multiplier = policy.multiplier(user)
 
         common, options = self._specs_for(policy, user, ctx)
@@ -751,6 +758,7 @@ class Engine:
         await self.leases.stop()
         await self.store.close()
         self.catalog.db.dispose()
+        self.catalog_call.close()
 
     async def __aenter__(self) -> Engine:
         return self

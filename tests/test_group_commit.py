@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,20 +27,26 @@ NOW = datetime(2025, 6, 2, 12, 0, tzinfo=UTC)
 @pytest.fixture
 async def engine(tmp_path: Path, isolated_environment: None) -> AsyncIterator[Engine]:
     opened = open_engine(
-        f"sqlite:///{tmp_path / 'qg.db'}", catalog_refresh_seconds=0, timezone="UTC"
+        f"sqlite:///{tmp_path / 'qg.db'}",
+        catalog_refresh_seconds=0,
+        timezone="UTC",
+        store_timeout=0.5,
     )
     opened.catalog.set_limit("role", "user", "tokens", "day", 10_000)
     opened.catalog.set_limit("role", "user", "requests", "day", 1_000)
+    opened.catalog.ensure_user("alice", "user")
     yield opened
     await opened.close()
 
 
 def transactions(store: SQLiteStore) -> list[int]:
-    """A list that grows by one at every write transaction the store begins."""
+    """A list that grows by one at every write transaction the store begins (on the event
+    loop's connection or the writer thread's)."""
     begun: list[int] = []
-    store._conn.set_trace_callback(
-        lambda sql: begun.append(1) if sql.startswith("BEGIN IMMEDIATE") else None
-    )
+    for conn in (store._inline_conn, store._conn):
+        conn.set_trace_callback(
+            lambda sql: begun.append(1) if sql.startswith("BEGIN IMMEDIATE") else None
+        )
     return begun
 
 
@@ -68,19 +76,33 @@ async def test_concurrent_requests_share_transactions_and_never_overspend(engine
     assert len(begun) * 4 <= writes, f"{len(begun)} transactions for {writes} writes"
 
 
-async def cancel_admit(engine: Engine, turns: int) -> list[object]:
-    """Start an admit, let the loop run `turns` turns, cancel it, let whatever the
-    cancellation set off finish; the tickets pending just before the cancellation."""
+def pending_tickets(path: Path) -> int:
+    """The tickets in the file, read without yielding to the event loop (so nothing the
+    writer thread finished can be delivered meanwhile)."""
+    with closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("SELECT count(*) FROM tickets").fetchone()[0])
+
+
+async def cancel_admit(engine: Engine, path: Path, *, applied: bool) -> int:
+    """Start an admit, cancel it before (`applied=False`) or after its batch was applied
+    but before the caller saw the outcome, let whatever the cancellation set off finish;
+    the tickets pending just before the cancellation."""
+    store = engine.store
+    assert isinstance(store, SQLiteStore)
     context = AdmitContext(user="alice", model="gpt-4o", prompt_tokens=10, max_tokens=100)
     task = asyncio.create_task(engine.admit(context, now=NOW))
-    for _ in range(turns):
+    while not store._writes._open:  # the admit's reservation waits for its hand-over
         await asyncio.sleep(0)
-    pending: list[object] = list(await engine.store.expired(float("inf")))
+    if applied:
+        await asyncio.sleep(0)  # the hand-over runs: the writer thread takes the batch
+        deadline = time.monotonic() + 10
+        while not pending_tickets(path) and time.monotonic() < deadline:
+            time.sleep(0.001)  # block the loop: the outcome cannot reach the caller
+    pending = pending_tickets(path)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await asyncio.sleep(0.3)  # the release the cancellation set off goes through the writer
     return pending
 
 
@@ -91,31 +113,30 @@ async def nothing_held_or_used(engine: Engine) -> None:
     assert await engine.reconcile(repair=False) == []
 
 
-async def test_a_caller_cancelled_after_its_reservation_gets_it_released(engine: Engine) -> None:
+async def test_a_caller_cancelled_after_its_reservation_gets_it_released(
+    engine: Engine, tmp_path: Path
+) -> None:
     """The batch reserved, then the caller was cancelled before it could take the ticket:
     nobody holds that ticket, so the engine releases it instead of leaving it to the
     lease (which would charge the user for a request never made)."""
-    # turn 1: the admit submits its reservation; turn 2: the batch runs, the task waits
-    pending = await cancel_admit(engine, turns=2)
-    assert len(pending) == 1, "the reservation was not made before the cancellation"
+    pending = await cancel_admit(engine, tmp_path / "qg.db", applied=True)
+    assert pending == 1, "the reservation was not made before the cancellation"
     await nothing_held_or_used(engine)
 
 
-async def test_a_caller_cancelled_before_its_batch_ran_reserves_nothing(engine: Engine) -> None:
-    pending = await cancel_admit(engine, turns=1)  # submitted, but the batch has not run
-    assert pending == []
+async def test_a_caller_cancelled_before_its_batch_ran_reserves_nothing(
+    engine: Engine, tmp_path: Path
+) -> None:
+    pending = await cancel_admit(engine, tmp_path / "qg.db", applied=False)
+    assert pending == 0
     await nothing_held_or_used(engine)
 
 
 async def test_a_locked_database_fails_every_write_of_the_batch_cleanly(
     engine: Engine, tmp_path: Path
 ) -> None:
-    """Another process holds the write lock past the busy timeout: each caller gets a
+    """Another process holds the write lock past store_timeout: each caller gets a
     StoreUnavailable, nothing is half-written, and the store works once the lock goes."""
-    store = engine.store
-    assert isinstance(store, SQLiteStore)
-    store._conn.execute("PRAGMA busy_timeout=50")
-    engine.catalog.ensure_user("alice", "user")  # the catalog's own writes wait 30 s
     blocker = sqlite3.connect(tmp_path / "qg.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     contexts = [

@@ -44,6 +44,7 @@ from quotagate.gateway.errors import (
     model_forbidden,
     model_not_found,
     not_found,
+    store_unavailable,
 )
 from quotagate.gateway.observe import Metrics, log_access
 from quotagate.gateway.openwebui import OpenWebUIUsers
@@ -173,6 +174,8 @@ class Gateway:
                     next_sweep = time.monotonic() + self.settings.sweep_seconds
                     await self.engine.sweep(self.clock())
                     await self.engine.prune(self.clock())
+            except StoreUnavailable as exc:  # the requests waiting for it say so too
+                log.warning("gateway maintenance waits for the store: %s", exc)
             except Exception:
                 log.exception("gateway maintenance failed; retrying")
 
@@ -281,7 +284,7 @@ class Gateway:
         if pinned is None and not self.router.serves(call.model):
             raise model_not_found(call.model)
         # only a request that is valid may create or update its user
-        user, role = self.openwebui.charged(key, headers)
+        user, role = await self.openwebui.charged(key, headers)
         entry["user"] = user
         try:
             return await self.proxy.call(call, user, role, key.id, pinned, receive, send, outcome)
@@ -292,13 +295,7 @@ class Gateway:
                 404, str(exc), "invalid_request_error", "model_not_priced", "model"
             ) from None
         except StoreUnavailable as exc:
-            log.error("quota store unavailable: %s", exc)
-            raise ApiError(
-                503,
-                "The quota store is unavailable; retry shortly.",
-                "server_error",
-                "store_unavailable",
-            ) from None
+            raise store_unavailable(exc, self.settings.store_timeout) from None
 
     async def _models(self, scope: Scope, send: Send, entry: dict[str, Any], wanted: str) -> int:
         key = self.auth.key(header_map(scope))
@@ -316,7 +313,7 @@ class Gateway:
 
     async def _ready(self, scope: Scope, send: Send) -> int:
         try:
-            self.engine.catalog.version()
+            await self.engine.catalog_call(self.engine.catalog.version)
         except Exception as exc:
             await respond(
                 send, 503, orjson.dumps({"status": "unavailable", "database": type(exc).__name__})

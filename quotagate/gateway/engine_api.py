@@ -52,7 +52,13 @@ from quotagate.core.text import printable
 from quotagate.engine import AdmitContext, Engine, LimitStatus, Ticket
 from quotagate.gateway.asgi import Receive, Scope, Send, header_map, read_body, respond
 from quotagate.gateway.auth import Authenticator
-from quotagate.gateway.errors import ApiError, bad_request, method_not_allowed, not_found
+from quotagate.gateway.errors import (
+    ApiError,
+    bad_request,
+    method_not_allowed,
+    not_found,
+    store_unavailable,
+)
 from quotagate.gateway.openwebui import OpenWebUIUsers, Person, check_user_id, clean_groups
 from quotagate.gateway.ratelimit import refusal_error
 from quotagate.store.base import UsageEvent
@@ -276,13 +282,7 @@ class QuotaApi:
         except UnknownTicket as exc:
             raise ApiError(404, str(exc), "invalid_request_error", "unknown_ticket") from None
         except StoreUnavailable as exc:
-            log.error("quota store unavailable: %s", exc)
-            raise ApiError(
-                503,
-                "The quota store is unavailable; retry shortly.",
-                "server_error",
-                "store_unavailable",
-            ) from None
+            raise store_unavailable(exc, self.engine.settings.store_timeout) from None
         await respond(send, 200, out.model_dump_json().encode())
         return 200
 
@@ -330,7 +330,7 @@ class QuotaApi:
         )
         # a request refused as invalid must not create or update the user: check it first
         context.prompt_tokens = self.engine.check(context, now=now)
-        context.role = role = self.users.sync(person)
+        context.role = role = await self.users.sync(person)
         before = await self._limits(user_id, now) if req.status else None
         ticket = await self.engine.admit(context, now=now)
         return AdmitOut(

@@ -7,11 +7,15 @@ rate limit, stop on an invalid key), so every failure the gateway produces itsel
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 
 import orjson
 
 from quotagate.core.text import shown
+
+log = logging.getLogger("quotagate.gateway")
 
 
 @dataclass
@@ -90,4 +94,19 @@ def not_found(path: str) -> ApiError:
 def method_not_allowed(method: str, path: str) -> ApiError:
     return ApiError(
         405, f"Method {method} is not allowed on {shown(path)}.", "invalid_request_error", None
+    )
+
+
+def store_unavailable(cause: Exception, store_timeout: float) -> ApiError:
+    """503 for a request that could not reach the quota store within `store_timeout`
+    (another process holds SQLite's write lock, say). Retry-After asks clients to wait
+    as long as this one did, so they do not pile on a store that is catching up."""
+    log.error("quota store unavailable: %s", cause)
+    return ApiError(
+        503,
+        "The quota store is unavailable; retry shortly.",
+        "server_error",
+        "store_unavailable",
+        headers=[(b"retry-after", b"%d" % max(1, math.ceil(store_timeout)))],
+        reason="store",
     )

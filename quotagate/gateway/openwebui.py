@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 from quotagate.config import Settings
 from quotagate.core.errors import InvalidInput
+from quotagate.core.policy import User
 from quotagate.core.text import MAX_NAME, check_name, printable
 from quotagate.engine import Engine
 from quotagate.gateway.errors import ApiError
@@ -122,12 +123,13 @@ class OpenWebUIUsers:
                 return mapped
         return self.settings.openwebui_default_role
 
-    def sync(self, person: Person) -> str:
+    async def sync(self, person: Person) -> str:
         """Make sure the catalog knows `person` as configured; returns their QuotaGate role.
 
         What an admin set in QuotaGate wins over what Open WebUI says: a role given with
         `users set-role` is pinned, and Open WebUI's groups are added to the admin's
-        memberships instead of replacing them (:meth:`Catalog.sync_user`).
+        memberships instead of replacing them (:meth:`Catalog.sync_user`). The catalog
+        write runs through :attr:`Engine.catalog_call`, off the event loop.
         """
         mapped = self.role_for(person.role)
         groups = person.groups if self.settings.openwebui_groups == "sync" else None
@@ -146,7 +148,8 @@ class OpenWebUIUsers:
             or (person.name and person.name != known.name)
             or (groups is not None and not known.in_step_with(groups))
         ):
-            known, changed = catalog.sync_user(
+            synced: tuple[User, bool] = await self.engine.catalog_call(
+                catalog.sync_user,
                 person.id,
                 mapped,
                 follow_role=follow,
@@ -154,6 +157,7 @@ class OpenWebUIUsers:
                 name=person.name,
                 groups=groups,
             )
+            known, changed = synced
             if changed:
                 self.engine.refresh()  # the next admit must see the new role or groups
         if len(self._seen) >= MAX_REMEMBERED:
@@ -168,7 +172,7 @@ class OpenWebUIUsers:
             return None
         return value.decode("latin-1").strip() or None
 
-    def charged(self, key: ApiKey, headers: dict[bytes, bytes]) -> tuple[str, str | None]:
+    async def charged(self, key: ApiKey, headers: dict[bytes, bytes]) -> tuple[str, str | None]:
         """(user id, role for a first-seen user) a gateway request is charged to.
 
         Only a key marked ``trusted_openwebui`` may name someone else; without forwarded
@@ -181,4 +185,4 @@ class OpenWebUIUsers:
             return key.user_id, None
         if self.settings.openwebui_tasks == "key" and self.task(headers):
             return key.user_id, None
-        return person.id, self.sync(person)
+        return person.id, await self.sync(person)

@@ -20,7 +20,13 @@ from typing import Any
 
 import orjson
 
-from quotagate.core.errors import InvalidInput, QuotaExceeded, Refusal, UnknownTicket
+from quotagate.core.errors import (
+    InvalidInput,
+    QuotaExceeded,
+    Refusal,
+    StoreUnavailable,
+    UnknownTicket,
+)
 from quotagate.core.pricing import Usage
 from quotagate.core.text import shown_repr
 from quotagate.engine import AdmitContext, Engine, Ticket
@@ -304,9 +310,14 @@ class Proxy:
     async def _settle(
         self, ticket: Ticket, usage: Usage | dict[str, Any], outcome: Outcome
     ) -> list[int] | None:
-        """Settle; returns the charge per hold (for exact rate-limit headers)."""
+        """Settle; returns the charge per hold (for exact rate-limit headers), or None if
+        the store did not answer in time: the answer still goes to the client (it was
+        generated), and the settle stays queued until the store takes it."""
         try:
             event = await self.engine.settle(ticket, usage, now=self.clock())
+        except StoreUnavailable as exc:
+            log.warning("settle of ticket %s waits for the store: %s", ticket.id, exc)
+            return None
         except InvalidInput as exc:
             # an upstream reporting nonsense usage: fall back on the reservation
             log.warning(

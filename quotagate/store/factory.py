@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
-from quotagate.config import Settings
+from quotagate.config import DEFAULT_STORE_TIMEOUT, Settings
 from quotagate.core.errors import ConfigError
 from quotagate.core.text import masked
 from quotagate.store.base import CounterStore
@@ -35,11 +35,14 @@ def sqlite_path(url: str) -> str:
     return parsed.database
 
 
-def open_store(url: str, *, create: bool = True) -> tuple[CounterStore, Catalog, sa.Engine]:
+def open_store(
+    url: str, *, create: bool = True, timeout: float = DEFAULT_STORE_TIMEOUT
+) -> tuple[CounterStore, Catalog, sa.Engine]:
     """The counter store, catalog and SQL engine for `url`, migrated to the newest schema.
 
     With ``create=False`` a missing SQLite file is an error instead of a new database,
-    which is what every command except ``init`` wants.
+    which is what every command except ``init`` wants. `timeout`: how long a call waits
+    for the store before it fails with StoreUnavailable (``store_timeout``).
     """
     scheme = url.split(":", 1)[0].lower()
     if scheme == "memory":
@@ -60,7 +63,7 @@ def open_store(url: str, *, create: bool = True) -> tuple[CounterStore, Catalog,
         engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         upgrade(engine)
-        return SQLiteStore(path, url), Catalog(engine), engine
+        return SQLiteStore(path, url, timeout=timeout), Catalog(engine), engine
     raise ConfigError(
         f"unsupported database URL {masked(url)!r}: use memory:// or sqlite:///path/to/quotagate.db"
     )
@@ -78,6 +81,8 @@ def open_engine(url: str | None = None, *, create: bool = True, **overrides: Any
     from quotagate.engine import Engine
 
     settings = Settings(**overrides) if url is None else Settings(database_url=url, **overrides)
-    store, catalog, _ = open_store(settings.database_url, create=create)
+    store, catalog, _ = open_store(
+        settings.database_url, create=create, timeout=settings.store_timeout
+    )
     catalog.timezone = settings.timezone
     return Engine(store, catalog, settings)

@@ -6,20 +6,33 @@ of the event loop are applied in order in one ``BEGIN IMMEDIATE`` transaction, w
 SQLite's write lock, so every check and its reservation are atomic across processes. A
 write's cost depends on the number of counters it touches, never on the size of the
 ledger, and concurrent requests share the transaction's fixed cost.
+
+No SQLite call waits on the event loop. A batch of writes runs there only if its
+transaction can begin at once (a connection with no busy timeout); otherwise, and after
+it, on the group commit's writer thread, whose connection waits for the lock. Reads,
+pruning and reconciling run on a small pool of threads with connections of their own
+(in WAL mode a reader never waits for a writer). While another process holds the write
+lock the loop carries on, and a caller that cannot reach the store within `timeout`
+seconds gets :class:`StoreUnavailable`: a reservation is then withdrawn (released if it
+was made after all), while a settle or a release stays queued and is applied once the
+lock frees.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 
+from quotagate.config import DEFAULT_STORE_TIMEOUT
 from quotagate.core.decisions import Decision, Hold, decide
 from quotagate.core.errors import StoreUnavailable
 from quotagate.store.base import (
@@ -34,15 +47,18 @@ from quotagate.store.base import (
     expected_counters,
     summed,
 )
-from quotagate.store.group_commit import GroupCommit
+from quotagate.store.group_commit import Busy, GroupCommit
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _EVENT_COLUMNS = (
     "id, ticket_id, user_id, key_id, model, channel, pool, source, status, estimated, "
     "started_at, settled_at, prompt_tokens, completion_tokens, cached_tokens, credits, "
     "excess, charges"
 )
+_TICKET_COLUMNS = "id, expires_at, held, max_output, payload"
 _UPSERT = (
     "INSERT INTO counters (key, used, reserved, expires_at) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(key) DO UPDATE SET used = used + excluded.used, "
@@ -64,6 +80,11 @@ _PRUNED_BEFORE = "counters_pruned_before"  # meta row: the latest prune's horizo
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 CHECKPOINT_SECONDS = 1.0
 INLINE_CHECKPOINT_PAGES = 10_000  # SQLite's default: 1,000 pages (4 MB of WAL)
+#: how long the writer waits for the write lock before it looks at its queue again (drops
+#: the reservations whose callers gave up, takes in the writes that came meanwhile)
+LOCK_ROUND_SECONDS = 0.1
+#: threads (each with its own connection) for reads, pruning and reconciling
+JOB_THREADS = 2
 
 
 def connect(path: str, timeout: float = 30.0) -> sqlite3.Connection:
@@ -73,26 +94,50 @@ def connect(path: str, timeout: float = 30.0) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
     conn.execute("PRAGMA foreign_keys=ON")
+    # In WAL mode with synchronous=NORMAL a commit does not fsync; a checkpoint does, and
+    # SQLite runs it inside the commit that crosses wal_autocheckpoint pages. A background
+    # thread checkpoints instead, so requests rarely wait for an fsync; the raised limit
+    # keeps an inline checkpoint as the backstop (WAL ≤ ~40 MB).
+    conn.execute(f"PRAGMA wal_autocheckpoint={INLINE_CHECKPOINT_PAGES}")
+    return conn
+
+
+def _waiting(conn: sqlite3.Connection, seconds: float) -> sqlite3.Connection:
+    """`conn`, waiting at most `seconds` for a lock from now on (once it is set up)."""
+    conn.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
     return conn
 
 
 class SQLiteStore:
-    def __init__(self, path: str, url: str | None = None) -> None:
+    def __init__(
+        self, path: str, url: str | None = None, *, timeout: float = DEFAULT_STORE_TIMEOUT
+    ) -> None:
         self.path = path
         self.url = url or f"sqlite:///{path}"
-        self._conn = connect(path)
-        self._lock = threading.Lock()
-        # In WAL mode with synchronous=NORMAL a commit does not fsync; a checkpoint does,
-        # and SQLite runs it inside the commit that crosses wal_autocheckpoint pages. A
-        # background thread checkpoints instead, so requests rarely wait for an fsync; the
-        # raised limit keeps an inline checkpoint as the backstop (WAL ≤ ~40 MB).
-        self._conn.execute(f"PRAGMA wal_autocheckpoint={INLINE_CHECKPOINT_PAGES}")
+        #: how long a caller waits for the store before it gets StoreUnavailable
+        self.timeout = timeout
+        #: the writer thread's connection: waits for the lock a round at a time
+        self._conn = _waiting(connect(path), min(timeout, LOCK_ROUND_SECONDS))
+        #: the event loop's: never waits (Busy at once), so a batch it cannot apply goes
+        #: to the writer thread
+        self._inline_conn = _waiting(connect(path), 0)
         self._closing = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="quotagate-sqlite-checkpoint", daemon=True
         )
         self._checkpointer.start()
-        self._writes: GroupCommit[_Write] = GroupCommit(self._apply)
+        self._jobs = ThreadPoolExecutor(JOB_THREADS, thread_name_prefix="quotagate-sqlite")
+        self._local = threading.local()
+        self._job_conns: list[sqlite3.Connection] = []
+        self._job_conns_lock = threading.Lock()
+        self._writes: GroupCommit[_Write] = GroupCommit(
+            self._apply,
+            timeout=timeout,
+            withdraw=_withdrawn,
+            undo=_undo,
+            inline=self._apply_inline,
+            name="quotagate-sqlite-writer",
+        )
 
     def _checkpoint_loop(self) -> None:
         """Every CHECKPOINT_SECONDS, copy the WAL into the database on a connection of its
@@ -108,26 +153,45 @@ class SQLiteStore:
             conn.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding SQLite's lock from its first statement."""
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"SQLite store {self.path} is not writable: {exc}") from exc
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                # Also when COMMIT itself fails (disk full, I/O error): never leave the
-                # connection inside a transaction that every later write would join.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise StoreUnavailable(f"SQLite store {self.path} failed: {exc}") from exc
-                raise
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding SQLite's lock from its first statement; Busy if
+        the lock stayed taken for the connection's busy timeout."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                raise Busy(f"SQLite store {self.path} is locked by another writer") from exc
+            raise StoreUnavailable(f"SQLite store {self.path} is not writable: {exc}") from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            # Also when COMMIT itself fails (disk full, I/O error): never leave the
+            # connection inside a transaction that every later write would join.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise StoreUnavailable(f"SQLite store {self.path} failed: {exc}") from exc
+            raise
 
+    # -- jobs: reads, pruning, reconciling, on threads with connections of their own ------
+    async def _job(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._jobs, self._run_job, work)
+
+    def _run_job(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        try:
+            if conn is None:
+                # waits for a lock at most as long as a caller waits for the store
+                conn = self._local.conn = connect(self.path, self.timeout)
+                with self._job_conns_lock:
+                    self._job_conns.append(conn)
+            return work(conn)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite store {self.path} failed: {exc}") from exc
+
+    # -- writes ----------------------------------------------------------------------------
     async def reserve(
         self,
         ticket_id: str,
@@ -158,55 +222,66 @@ class SQLiteStore:
 
         If the transaction fails for a reason that is not the store's (one write breaks a
         constraint, say), the writes are applied one by one, so each gets its own outcome.
+        On the writer thread, whose connection waits for the lock a round at a time: Busy,
+        with nothing applied, if it stayed taken that long.
         """
+        return self._apply_on(self._conn, writes)
+
+    def _apply_inline(self, writes: Sequence[_Write]) -> list[object]:
+        """:meth:`_apply` on the event loop, whose connection never waits: Busy at once if
+        the lock is taken."""
+        return self._apply_on(self._inline_conn, writes)
+
+    def _apply_on(self, conn: sqlite3.Connection, writes: Sequence[_Write]) -> list[object]:
         try:
-            with self._write() as conn:
+            with self._transaction(conn):
                 return _Batch(conn).apply(writes)
+        except Busy:
+            raise
         except StoreUnavailable as exc:
             return [exc] * len(writes)
         except Exception as exc:
             if len(writes) == 1:
                 return [exc]
-            return [self._apply([write])[0] for write in writes]
+        return [self._apply_alone(conn, write) for write in writes]
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """The connection, for reads: shared with writes, so taken under the same lock."""
-        with self._lock:
-            yield self._conn
+    def _apply_alone(self, conn: sqlite3.Connection, write: _Write) -> object:
+        try:
+            return self._apply_on(conn, [write])[0]
+        except Busy as exc:  # another process took the lock between two of them
+            return exc
 
+    # -- reads -----------------------------------------------------------------------------
     async def ticket(self, ticket_id: str) -> StoredTicket | None:
-        with self._read() as conn:
-            row = conn.execute(
-                "SELECT id, expires_at, held, max_output, payload FROM tickets WHERE id = ?",
-                (ticket_id,),
+        row = await self._job(
+            lambda conn: conn.execute(
+                f"SELECT {_TICKET_COLUMNS} FROM tickets WHERE id = ?", (ticket_id,)
             ).fetchone()
+        )
         return _ticket(row) if row else None
 
     async def expired(self, now: float, limit: int = 500) -> list[StoredTicket]:
-        with self._read() as conn:
-            rows = conn.execute(
-                "SELECT id, expires_at, held, max_output, payload FROM tickets "
+        rows = await self._job(
+            lambda conn: conn.execute(
+                f"SELECT {_TICKET_COLUMNS} FROM tickets "
                 "WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
                 (now, limit),
             ).fetchall()
+        )
         return [_ticket(row) for row in rows]
 
     async def counters(self, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
-        with self._read() as conn:
-            return _states(conn, keys)
+        return await self._job(lambda conn: _states(conn, keys))
 
     async def event(self, ticket_id: str) -> UsageEvent | None:
-        with self._read() as conn:
-            return _event(conn, ticket_id)
+        return await self._job(lambda conn: _event(conn, ticket_id))
 
     async def events(self, query: EventQuery) -> list[UsageEvent]:
         clauses, params = _where(query)
         sql = f"SELECT {_EVENT_COLUMNS} FROM usage_events{clauses} ORDER BY id"
         if query.limit:
             sql += f" LIMIT {int(query.limit)}"
-        with self._read() as conn:
-            rows = conn.execute(sql, params).fetchall()
+        rows = await self._job(lambda conn: conn.execute(sql, params).fetchall())
         return [_usage_event(row) for row in rows]
 
     async def usage(self, query: EventQuery, by: str) -> list[UsageSum]:
@@ -217,11 +292,14 @@ class SQLiteStore:
             f"sum(cached_tokens), sum(credits), sum(estimated) "
             f"FROM usage_events{clauses} GROUP BY 1"
         )
-        with self._read() as conn:
-            return [UsageSum(*row) for row in conn.execute(sql, params)]
+        return await self._job(lambda conn: [UsageSum(*row) for row in conn.execute(sql, params)])
 
+    # -- maintenance -------------------------------------------------------------------------
     async def reconcile(self, repair: bool) -> list[CounterDiff]:
-        with self._write() as conn:
+        return await self._job(lambda conn: self._reconcile(conn, repair))
+
+    def _reconcile(self, conn: sqlite3.Connection, repair: bool) -> list[CounterDiff]:
+        with self._transaction(conn):
             actual = {
                 key: (used, reserved)
                 for key, used, reserved in conn.execute(
@@ -233,10 +311,7 @@ class SQLiteStore:
                 for row in conn.execute(f"SELECT {_EVENT_COLUMNS} FROM usage_events")
             ]
             tickets = [
-                _ticket(row)
-                for row in conn.execute(
-                    "SELECT id, expires_at, held, max_output, payload FROM tickets"
-                )
+                _ticket(row) for row in conn.execute(f"SELECT {_TICKET_COLUMNS} FROM tickets")
             ]
             diffs = diff_counters(actual, expected_counters(events, tickets), _pruned_before(conn))
             if repair:
@@ -249,8 +324,11 @@ class SQLiteStore:
         return diffs
 
     async def prune(self, before: float, limit: int = 10_000) -> int:
-        with self._write() as conn:
-            deleted = conn.execute(
+        return await self._job(lambda conn: self._prune(conn, before, limit))
+
+    def _prune(self, conn: sqlite3.Connection, before: float, limit: int) -> int:
+        with self._transaction(conn):
+            deleted: int = conn.execute(
                 "DELETE FROM counters WHERE key IN (SELECT key FROM counters "
                 "WHERE expires_at < ? AND reserved = 0 LIMIT ?)",
                 (before, limit),
@@ -263,11 +341,16 @@ class SQLiteStore:
         return deleted
 
     async def close(self) -> None:
-        self._writes.flush()
+        await self._writes.close()
         self._closing.set()
-        self._checkpointer.join()
-        with self._lock:
-            self._conn.close()
+        await asyncio.to_thread(self._checkpointer.join)
+        await asyncio.to_thread(self._jobs.shutdown)
+        with self._job_conns_lock:
+            for conn in self._job_conns:
+                conn.close()
+            self._job_conns.clear()
+        self._conn.close()
+        self._inline_conn.close()
 
 
 @dataclass(slots=True)
@@ -299,6 +382,20 @@ class _Renew:
 
 
 _Write = _Reserve | _Commit | _Release | _Renew
+
+
+def _withdrawn(write: _Write) -> bool:
+    """Whether a write is dropped when its caller gives up waiting: only a reservation,
+    since its caller has been refused. Every other write is applied when the lock frees."""
+    return isinstance(write, _Reserve)
+
+
+def _undo(write: _Write, outcome: object) -> _Write | None:
+    """The write that takes back one applied after its caller gave up: a reservation
+    made for nobody is released (as the engine does for a cancelled caller)."""
+    if isinstance(write, _Reserve) and isinstance(outcome, Decision) and outcome.admitted:
+        return _Release(write.ticket_id)
+    return None
 
 
 class _Batch:
