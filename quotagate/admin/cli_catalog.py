@@ -142,13 +142,13 @@ def limits_set(
     with opened(ctx) as engine:
         if scope is Scope.USER:
             target = user_id(engine, target)
-            if engine.catalog.user(target) is None:
-                notice(
-                    f"no user has the id or email {target!r} yet: the limit binds a user of "
-                    "that id once one appears (Open WebUI's users: their id, or their email "
-                    "after their first chat; see `quotagate users list`)"
-                )
         _check_subject(ctx, engine, scope, target)
+        if scope is Scope.USER and engine.catalog.user(target) is None:
+            notice(
+                f"no user has the id or email {target!r} yet: the limit binds a user of "
+                "that id once one appears (Open WebUI's users: their id, or their email "
+                "after their first chat; see `quotagate users list`)"
+            )
         limit = engine.catalog.set_limit(
             scope,
             target,
@@ -468,7 +468,10 @@ def wallet_show(
 
 def _check_subject(ctx: typer.Context, engine: Engine, scope: Scope, target: str) -> None:
     """A cap on a key, channel or pool that does not exist would silently bind nothing
-    (a typo, or a key named by its secret instead of its id): refuse it."""
+    (a typo, or a key named by its secret instead of its id): refuse it. A user need not
+    exist yet, but their id must be usable."""
+    if scope is Scope.USER:
+        check_name(target, "user name")
     if scope is Scope.KEY and target.startswith(KEY_PREFIX):
         key_id = target.removeprefix(KEY_PREFIX).split("-")[0]
         raise InvalidInput(f"--key takes a key's id, not its secret: use {key_id!r}")
