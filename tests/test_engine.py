@@ -295,12 +295,14 @@ async def test_usage_beyond_the_reservation_is_recorded_and_reported(
     engine.catalog.set_limit("role", "user", "tokens", "day", 1_000)
     ticket = await engine.admit(ctx(prompt_tokens=100, max_tokens=5_000), now=T0)
     assert ticket.max_tokens == 900
-    # the upstream counted more prompt tokens than the estimate: the ledger keeps the truth
+    # the upstream counted more prompt tokens than the estimate: the ledger keeps the truth,
+    # the limit is charged what the ticket held on it and never passes its amount
     event = await engine.settle(ticket, Usage(130, 900), now=T0)
     assert (event.total_tokens, event.excess) == (1_030, 30)
-    assert "used 30 more than it reserved" in caplog.text
+    assert [amount for _, amount in event.charges] == [1_000]
+    assert "30 more than the 100 + 900 reserved (prompt over)" in caplog.text
     [status] = await engine.status("alice", now=T0)
-    assert (status.used, status.remaining) == (1_030, 0)
+    assert (status.used, status.remaining) == (1_000, 0)
     await refused(engine, ctx(prompt_tokens=0, max_tokens=1))
     assert await engine.reconcile(repair=False) == []
 
