@@ -237,13 +237,6 @@ class Proxy:
                         tracker.confirm()
                     if tracker.cut:
                         response.close()  # stops the generation now, before settling
-                        state = "cut at the budget"
-                        log.warning(
-                            "upstream %s streamed past the ticket's %d completion tokens "
-                            "(it ignored max_tokens); the stream was cut",
-                            channel.name,
-                            ticket.max_tokens,
-                        )
                         break
                 else:
                     rest = tracker.finish()  # an unterminated last event
@@ -253,8 +246,6 @@ class Proxy:
                             started = True
                         await send({"type": "http.response.body", "body": rest, "more_body": True})
                         tracker.confirm()
-                    if tracker.cut:
-                        state = "cut at the budget"
             except UpstreamFailure as exc:
                 if gone.done():
                     state = "disconnected"
@@ -266,6 +257,14 @@ class Proxy:
                     failure = str(exc)
                     self.metrics.upstream_error(channel.name)
                     self.router.failed(channel)
+            if tracker.cut and state == "complete":
+                state = "cut at the budget"
+                log.warning(
+                    "upstream %s streamed past the ticket's %d completion tokens (it ignored "
+                    "max_tokens); the stream was cut",
+                    channel.name,
+                    ticket.max_tokens,
+                )
             if state != "upstream failed":
                 self.router.succeeded(channel)
             if state == "complete" and tracker.usage is not None:
