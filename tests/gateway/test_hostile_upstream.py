@@ -73,7 +73,7 @@ def reserved_prompt(gw: RunningGateway) -> int:
 async def test_an_upstream_ignoring_max_tokens_is_cut_at_the_budget(
     gw: RunningGateway, hostile: HostileUpstream
 ) -> None:
-    hostile.knobs = Knobs(ignore_max_tokens=True, tokens=1_000_000, delay=0.005)
+    hostile.knobs = Knobs(ignore_max_tokens=True, delay=0.005)
     gw.limit("everyone", "*", "tokens", "day", 100_000)
     key = gw.key("mallory")
     client = openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0, timeout=5)
@@ -114,7 +114,7 @@ async def test_the_cut_stream_ends_like_one_that_hit_its_limit(
     gw: RunningGateway, hostile: HostileUpstream
 ) -> None:
     """On the wire: the events that fit, a chunk with finish_reason "length", [DONE]."""
-    hostile.knobs = Knobs(ignore_max_tokens=True, tokens=1_000_000, delay=0.002)
+    hostile.knobs = Knobs(ignore_max_tokens=True, delay=0.002)
     key = gw.key("mallory")
     with gw.http.stream(
         "POST",

@@ -41,7 +41,8 @@ class Served:
 
 @dataclass
 class Knobs:
-    ignore_max_tokens: bool = False  # stream until the peer goes away
+    #: streams go on until the peer goes away; plain answers have `tokens` words
+    ignore_max_tokens: bool = False
     tokens: int = 30  # answer length when max_tokens does not cut it shorter
     usage: str = "honest"  # honest | none | over
     over_prompt: int = 0  # added to the reported prompt tokens (usage="over")
