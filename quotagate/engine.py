@@ -560,19 +560,9 @@ class Engine:
         price = self._prices.get(ticket.price) if ticket.price else None
         multiplier = Decimal(ticket.multiplier)
         credits = price.cost(usage, multiplier) if price else 0
-        # a released ticket charges nothing, not even the request it never made
-        charges = [
-            (h.key, 0 if status == "released" else _charge(h.metric, usage, credits))
-            for h in ticket.holds
-        ]
-        excess = max(
-            (
-                charge - h.reserved
-                for h, (_, charge) in zip(ticket.holds, charges)
-                if h.limit is not None
-            ),
-            default=0,
-        )
+        charges, capped = self._charges(ticket, usage, credits, status)
+        over_prompt = max(0, usage.prompt_tokens - ticket.prompt_tokens)
+        over_completion = max(0, usage.completion_tokens - ticket.max_tokens)
         event = UsageEvent(
             ticket_id=ticket.id,
             user_id=ticket.user_id,
@@ -589,20 +579,57 @@ class Engine:
             source=ticket.source,
             status=status,
             estimated=estimated,
-            excess=max(0, excess),
+            excess=over_prompt + over_completion if capped else 0,
             charges=charges,
         )
         stored = await self.store.commit(ticket.id, event)
         if stored is None:
             raise UnknownTicket(f"no open ticket {ticket.id!r} (never issued, or cancelled)")
         if stored.excess and status == "settled":
+            over = " and ".join(
+                part
+                for part, extra in (("prompt", over_prompt), ("completion", over_completion))
+                if extra
+            )
             log.warning(
-                "ticket %s used %d more than it reserved on a limit (upstream counted more "
-                "prompt tokens than estimated); the ledger records the real usage",
+                "ticket %s: the upstream reported %d prompt + %d completion tokens, %d more "
+                "than the %d + %d reserved (%s over); %s, the ledger records the real usage",
                 ticket.id,
+                usage.prompt_tokens,
+                usage.completion_tokens,
                 stored.excess,
+                ticket.prompt_tokens,
+                ticket.max_tokens,
+                over,
+                "each limit was charged what the ticket held on it"
+                if self.settings.mode == "strict"
+                else "the limits were charged in full (optimistic mode)",
             )
         return stored
+
+    def _charges(
+        self, ticket: Ticket, usage: Usage, credits: int, status: str
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """What each counter is charged, and whether a limited counter was asked for more
+        than the ticket held on it.
+
+        In strict mode such a counter is charged what the ticket held, never more: the
+        reservation fitted under its limit, so used + reserved ≤ amount holds whatever the
+        upstream reports. The ledger row keeps the real usage and its excess; `reconcile`
+        compares counters with the row's charges, so it stays exact.
+        """
+        strict = self.settings.mode == "strict"
+        charges = []
+        capped = False
+        for hold in ticket.holds:
+            # a released ticket charges nothing, not even the request it never made
+            charge = 0 if status == "released" else _charge(hold.metric, usage, credits)
+            if hold.limit is not None and charge > hold.reserved:
+                capped = True
+                if strict:
+                    charge = hold.reserved
+            charges.append((hold.key, charge))
+        return charges, capped
 
     # -- leases, status, repair ------------------------------------------------------
     async def renew(

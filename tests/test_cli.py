@@ -496,6 +496,7 @@ def test_usage_json_and_csv_equal_what_was_settled(db: Path) -> None:
         "total_tokens",
         "credits",
         "estimated",
+        "excess",
     ]
     want = expected_usage(events, "model")
     assert {r["model"] for r in reader} == set(want)

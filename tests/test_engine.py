@@ -295,13 +295,35 @@ async def test_usage_beyond_the_reservation_is_recorded_and_reported(
     engine.catalog.set_limit("role", "user", "tokens", "day", 1_000)
     ticket = await engine.admit(ctx(prompt_tokens=100, max_tokens=5_000), now=T0)
     assert ticket.max_tokens == 900
-    # the upstream counted more prompt tokens than the estimate: the ledger keeps the truth
+    # the upstream counted more prompt tokens than the estimate: the ledger keeps the truth,
+    # the limit is charged what the ticket held on it and never passes its amount
     event = await engine.settle(ticket, Usage(130, 900), now=T0)
     assert (event.total_tokens, event.excess) == (1_030, 30)
-    assert "used 30 more than it reserved" in caplog.text
+    assert [amount for _, amount in event.charges] == [1_000]
+    assert "30 more than the 100 + 900 reserved (prompt over)" in caplog.text
     [status] = await engine.status("alice", now=T0)
-    assert (status.used, status.remaining) == (1_030, 0)
+    assert (status.used, status.remaining) == (1_000, 0)
     await refused(engine, ctx(prompt_tokens=0, max_tokens=1))
+    assert await engine.reconcile(repair=False) == []
+
+
+async def test_an_overlong_answer_charges_every_limit_at_most_what_it_held(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Credits and tokens alike: the counters stop at their amounts, the ledger keeps the
+    upstream's report (tokens and credits) and the tokens over, named as the completion."""
+    engine.catalog.add_price(gpt4o_price())
+    engine.catalog.set_limit("role", "user", "credits", "day", 1 * MICRO)
+    engine.catalog.set_limit("role", "user", "tokens", "day", 10_000)
+    ticket = await engine.admit(ctx(prompt_tokens=100, max_tokens=1_000), now=T0)
+    assert ticket.max_tokens == 75
+    event = await engine.settle(ticket, Usage(100, 500), now=T0)
+    assert (event.completion_tokens, event.excess) == (500, 425)
+    assert event.credits == 250_000 + 500 * 10_000
+    assert [amount for _, amount in event.charges] == [h.reserved for h in ticket.holds]
+    assert "(completion over)" in caplog.text
+    for status in await engine.status("alice", now=T0):
+        assert status.used + status.reserved <= (status.amount or 0)
     assert await engine.reconcile(repair=False) == []
 
 

@@ -433,6 +433,16 @@ async def test_usage_sums_the_matching_ledger_rows_per_group(store: CounterStore
         await store.usage(EventQuery(), "colour")
 
 
+async def test_usage_sums_the_excess(store: CounterStore) -> None:
+    """What `quotagate usage` shows of upstreams that reported beyond the reservation."""
+    for ticket_id, excess in (("x1", 5), ("x2", 0), ("x3", 7)):
+        await reserve(store, ticket_id, [hold("k", None, 1)], 1)
+        await store.commit(ticket_id, event(ticket_id, [("k", 1)], excess=excess))
+    for by in ("user", "model", "slot"):
+        [row] = await store.usage(EventQuery(), by)
+        assert (row.requests, row.excess) == (3, 12)
+
+
 async def test_event_round_trips_every_field(store: CounterStore) -> None:
     await reserve(store, "a", [hold("k", None, 1)], 1)
     original = event(

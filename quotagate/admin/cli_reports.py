@@ -92,10 +92,22 @@ def usage(
     elif format is Format.csv:
         print_csv((by.value, *USAGE_FIELDS), [_csv_cells(row) for row in rows])
     else:
-        cells = [_table_cells(row) for row in rows]
+        # excess (tokens an upstream reported beyond the reservation) gets a column only
+        # when there is some: it is rare, and a narrow terminal keeps every figure whole
+        excess = any(row.excess for row in rows)
+        cells = [_table_cells(row, excess) for row in rows]
         if len(rows) > 1:
-            cells.append(_table_cells(total(rows)))
-        columns = (by.value, ">requests", ">prompt", ">completion", ">total tokens", ">credits")
+            cells.append(_table_cells(total(rows), excess))
+        columns: tuple[str, ...] = (
+            by.value,
+            ">requests",
+            ">prompt",
+            ">completion",
+            ">total tokens",
+            ">credits",
+        )
+        if excess:
+            columns += (">excess",)
         out.print(table(f"Usage by {by.value} ({tz})", columns, cells))
 
 
@@ -109,11 +121,12 @@ def _csv_cells(row: UsageSum) -> list[object]:
         row.total_tokens,
         credits_text(row.credits),
         row.estimated,
+        row.excess,
     ]
 
 
-def _table_cells(row: UsageSum) -> list[object]:
-    return [
+def _table_cells(row: UsageSum, excess: bool = False) -> list[object]:
+    cells: list[object] = [
         row.key,
         f"{row.requests:,}",
         f"{row.prompt_tokens:,}",
@@ -121,6 +134,9 @@ def _table_cells(row: UsageSum) -> list[object]:
         f"{row.total_tokens:,}",
         format_amount(Metric.CREDITS, row.credits),
     ]
+    if excess:
+        cells.append(f"{row.excess:,}")
+    return cells
 
 
 def status(

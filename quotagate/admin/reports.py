@@ -29,6 +29,7 @@ USAGE_FIELDS = (
     "total_tokens",
     "credits",
     "estimated",
+    "excess",
 )
 
 
@@ -64,6 +65,7 @@ def usage_record(row: UsageSum, by: GroupBy) -> dict[str, Any]:
         "total_tokens": row.total_tokens,
         "credits": credits_number(row.credits),
         "estimated": row.estimated,
+        "excess": row.excess,
     }
 
 

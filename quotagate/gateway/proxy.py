@@ -37,7 +37,7 @@ from quotagate.gateway.observe import Metrics
 from quotagate.gateway.ratelimit import refusal_error, ticket_headers
 from quotagate.gateway.requests import UPSTREAM_PATHS, Call
 from quotagate.gateway.routing import Router
-from quotagate.gateway.sse import StreamTracker, choice_texts
+from quotagate.gateway.sse import StreamTracker, choice_texts, error_event
 from quotagate.gateway.upstream import UpstreamClient, UpstreamFailure, UpstreamResponse
 from quotagate.gateway.upstream_errors import channel_fault, client_error, excerpt
 
@@ -58,13 +58,17 @@ class Outcome:
     status: str = ""
 
 
+class Counted(Usage):
+    """Usage the gateway counted itself, since the upstream reported none: the ledger row
+    is flagged `estimated`."""
+
+
 @dataclass
 class Flight:
     """A stream in progress, so that a shutdown can settle it on what was delivered."""
 
     ticket: Ticket
     tracker: StreamTracker
-    model: str
 
 
 class Proxy:
@@ -213,30 +217,40 @@ class Proxy:
         send: Send,
         outcome: Outcome,
     ) -> int:
-        """Forward a stream. Raises UpstreamFailure only if nothing reached the client."""
-        tracker = StreamTracker(call.client_usage)
+        """Forward a stream. Raises UpstreamFailure only if nothing reached the client.
+
+        It is cut at the ticket's completion budget (see :class:`StreamTracker`) for an
+        upstream that ignores max_tokens: the upstream's connection is closed, which stops
+        the generation, and the client sees the end of a stream that hit its limit. An
+        upstream that fails once bytes reached the client ends the stream with an error
+        event, which the `openai` SDK raises; what was delivered is charged either way.
+        """
+        tracker = StreamTracker(call.client_usage, ticket.max_tokens)
         gone = asyncio.ensure_future(_disconnected(receive))
         # a client that leaves stops the upstream at once, not at its next chunk
         gone.add_done_callback(lambda _: response.close())
         started = False
         settle = True
         state = "complete"
-        self.flights[ticket.id] = Flight(ticket, tracker, call.model)
+        failure = ""
+        self.flights[ticket.id] = Flight(ticket, tracker)
         self.metrics.streams.inc()
         try:
             try:
                 async for data in response.chunks():
                     out = tracker.feed(data)
-                    if not out:
-                        continue
-                    if gone.done():
-                        state = "disconnected"
+                    if out:
+                        if gone.done():
+                            state = "disconnected"
+                            break
+                        if not started:
+                            await self._start_stream(send, ticket, response)
+                            started = True
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                        tracker.confirm()
+                    if tracker.cut:
+                        response.close()  # stops the generation now, before settling
                         break
-                    if not started:
-                        await self._start_stream(send, ticket, response)
-                        started = True
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                    tracker.confirm()
                 else:
                     rest = tracker.finish()  # an unterminated last event
                     if rest and not gone.done():
@@ -245,7 +259,7 @@ class Proxy:
                             started = True
                         await send({"type": "http.response.body", "body": rest, "more_body": True})
                         tracker.confirm()
-            except UpstreamFailure:
+            except UpstreamFailure as exc:
                 if gone.done():
                     state = "disconnected"
                 elif not started:
@@ -253,21 +267,46 @@ class Proxy:
                     raise
                 else:
                     state = "upstream failed"
+                    failure = str(exc)
                     self.metrics.upstream_error(channel.name)
                     self.router.failed(channel)
+            if tracker.cut and state == "complete":
+                state = "cut at the budget"
+                log.warning(
+                    "upstream %s streamed past the ticket's %d completion tokens (it ignored "
+                    "max_tokens); the stream was cut",
+                    channel.name,
+                    ticket.max_tokens,
+                )
             if state != "upstream failed":
                 self.router.succeeded(channel)
             if state == "complete" and tracker.usage is not None:
                 usage: Usage | dict[str, Any] = tracker.usage
             else:
-                usage = self._delivered_usage(call, ticket, tracker)
+                usage = self._delivered_usage(ticket, tracker)
             settle = False
             await self._settle(ticket, usage, outcome)
             outcome.status = state
             if state != "disconnected":
                 if not started:
                     await self._start_stream(send, ticket, response)
-                await send({"type": "http.response.body", "body": tracker.tail, "more_body": False})
+                tail = tracker.tail
+                if state == "upstream failed":
+                    log.warning("upstream %s failed mid-stream: %s", channel.name, failure)
+                    tail = error_event(
+                        f"The upstream failed during the answer ({failure}); the answer is "
+                        "incomplete. You were charged for the part you received."
+                    )
+                elif tracker.cut and call.client_usage:
+                    tracker.with_usage(
+                        {
+                            "prompt_tokens": outcome.prompt_tokens,
+                            "completion_tokens": outcome.completion_tokens,
+                            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+                        }
+                    )
+                    tail = tracker.tail
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
             return 200
         finally:
             self.metrics.streams.dec()
@@ -277,7 +316,7 @@ class Proxy:
             response.close()
             if settle:
                 # cancelled (shutdown) or failed half way: charge what reached the client
-                await self._settle_quietly(ticket, self._delivered_usage(call, ticket, tracker))
+                await self._settle_quietly(ticket, self._delivered_usage(ticket, tracker))
 
     async def _start_stream(self, send: Send, ticket: Ticket, response: UpstreamResponse) -> None:
         headers: Headers = [(b"content-type", response.content_type), *_STREAM_HEADERS]
@@ -286,12 +325,15 @@ class Proxy:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
 
     # -- usage ----------------------------------------------------------------------------
-    def _delivered_usage(self, call: Call, ticket: Ticket, tracker: StreamTracker) -> Usage:
-        text = tracker.delivered_text()
-        return Usage(ticket.prompt_tokens, self.engine.counter.text(text, call.model))
+    def _delivered_usage(self, ticket: Ticket, tracker: StreamTracker) -> Counted:
+        """What a stream delivered, counted: the prompt as reserved, the completion as
+        counted but never more than the ticket allowed (the offline estimate errs high,
+        and a stream never goes past its budget)."""
+        counted = self.engine.counter.text(tracker.delivered_text(), ticket.model)
+        return Counted(ticket.prompt_tokens, min(counted, ticket.max_tokens))
 
     def _reply_usage(self, call: Call, ticket: Ticket, data: bytes) -> Usage | dict[str, Any]:
-        """The usage a complete answer reports, else its text counted."""
+        """The usage a complete answer reports, else its text counted (as for a stream)."""
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -301,20 +343,23 @@ class Proxy:
             if isinstance(usage, dict) and usage:
                 return usage
         if not call.produces_output:
-            return Usage(ticket.prompt_tokens, 0)
+            return Counted(ticket.prompt_tokens, 0)
         texts: list[str] = []
         if isinstance(parsed, dict):
             choice_texts(parsed.get("choices"), texts)
-        return Usage(ticket.prompt_tokens, self.engine.counter.text("".join(texts), call.model))
+        counted = self.engine.counter.text("".join(texts), ticket.model)
+        return Counted(ticket.prompt_tokens, min(counted, ticket.max_tokens))
 
     async def _settle(
         self, ticket: Ticket, usage: Usage | dict[str, Any], outcome: Outcome
     ) -> list[int] | None:
         """Settle; returns the charge per hold (for exact rate-limit headers), or None if
         the store did not answer in time: the answer still goes to the client (it was
-        generated), and the settle stays queued until the store takes it."""
+        generated), and the settle stays queued until the store takes it. Usage the
+        gateway counted itself makes a row flagged `estimated`."""
+        estimated = isinstance(usage, Counted)
         try:
-            event = await self.engine.settle(ticket, usage, now=self.clock())
+            event = await self.engine.settle(ticket, usage, now=self.clock(), estimated=estimated)
         except StoreUnavailable as exc:
             log.warning("settle of ticket %s waits for the store: %s", ticket.id, exc)
             return None
@@ -339,9 +384,9 @@ class Proxy:
         )
         return [amount for _, amount in event.charges]
 
-    async def _settle_quietly(self, ticket: Ticket, usage: Usage) -> None:
+    async def _settle_quietly(self, ticket: Ticket, usage: Counted) -> None:
         try:
-            await self.engine.settle(ticket, usage, now=self.clock())
+            await self.engine.settle(ticket, usage, now=self.clock(), estimated=True)
         except UnknownTicket:
             pass
         except Exception:
@@ -351,8 +396,7 @@ class Proxy:
         """Settle every stream still open on what it delivered (at shutdown)."""
         flights = list(self.flights.values())
         for flight in flights:
-            text = flight.tracker.delivered_text()
-            usage = Usage(flight.ticket.prompt_tokens, self.engine.counter.text(text, flight.model))
+            usage = self._delivered_usage(flight.ticket, flight.tracker)
             await self._settle_quietly(flight.ticket, usage)
         return len(flights)
 

@@ -37,7 +37,10 @@ class UsageEvent:
     source: str = "allowance"  # allowance | wallet | pool
     status: str = "settled"  # settled | expired
     estimated: bool = False
-    excess: int = 0  # units charged beyond a strict limit (the upstream counted more)
+    #: tokens the upstream reported beyond the ticket's reservation (prompt and completion)
+    #: when that asked a limited counter for more than it held; strict mode charged such a
+    #: counter only what it held, so the row's charges can be less than its usage
+    excess: int = 0
     charges: list[tuple[str, int]] = field(default_factory=list)
     id: int | None = None
 
@@ -95,6 +98,7 @@ class UsageSum:
     cached_tokens: int = 0
     credits: int = 0
     estimated: int = 0
+    excess: int = 0  # tokens beyond the reservations, not charged to strict limits
 
     @property
     def total_tokens(self) -> int:
@@ -107,6 +111,7 @@ class UsageSum:
         self.cached_tokens += other.cached_tokens
         self.credits += other.credits
         self.estimated += other.estimated
+        self.excess += other.excess
 
 
 class CounterStore(Protocol):
@@ -218,6 +223,7 @@ def usage_of(events: Sequence[UsageEvent], by: str) -> list[UsageSum]:
                 event.cached_tokens,
                 event.credits,
                 int(event.estimated),
+                event.excess,
             )
         )
     return list(sums.values())

@@ -289,7 +289,7 @@ class SQLiteStore:
         clauses, params = _where(query)
         sql = (
             f"SELECT {_USAGE_GROUP_SQL[by]}, count(*), sum(prompt_tokens), sum(completion_tokens), "
-            f"sum(cached_tokens), sum(credits), sum(estimated) "
+            f"sum(cached_tokens), sum(credits), sum(estimated), sum(excess) "
             f"FROM usage_events{clauses} GROUP BY 1"
         )
         return await self._job(lambda conn: [UsageSum(*row) for row in conn.execute(sql, params)])

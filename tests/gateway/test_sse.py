@@ -62,3 +62,63 @@ def test_only_confirmed_events_count_as_delivered() -> None:
     tracker.confirm()
     tracker.feed(event("two"))  # handed out, but the client was gone before it was sent
     assert tracker.delivered_text() == "one"
+
+
+def chunk(choices: list[dict[str, object]]) -> bytes:
+    body = {"id": "c2", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+    return b"data: " + orjson.dumps({**body, "choices": choices}) + b"\n\n"
+
+
+def word(index: int = 0, text: str = "w ") -> bytes:
+    return chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+
+
+ROLE = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
+FINISH = chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}])
+
+
+def test_a_stream_within_its_budget_is_not_cut() -> None:
+    """The role chunk and the finish chunk carry no text: they do not count."""
+    tracker = StreamTracker(forward_usage=False, budget=3)
+    wire = ROLE + word() + word() + word() + FINISH
+    assert tracker.feed(wire + b"data: [DONE]\n\n") == wire
+    assert not tracker.cut and tracker.done
+
+
+def test_the_events_past_the_budget_are_held_back_and_the_stream_ends() -> None:
+    tracker = StreamTracker(forward_usage=True, budget=3)
+    out = tracker.feed(ROLE + word() + word())
+    out += tracker.feed(word() + word("a long chunk of many tokens") + word())
+    assert out == ROLE + word() * 3
+    assert tracker.cut and tracker.feed(word()) == b""
+    end, done = [e + b"\n\n" for e in tracker.tail.split(b"\n\n") if e]
+    assert done == b"data: [DONE]\n\n"
+    assert orjson.loads(end[6:]) == {
+        "id": "c2",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}],
+    }
+    tracker.with_usage({"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4})
+    usage = tracker.tail.split(b"\n\n")[1]
+    assert orjson.loads(usage[6:])["usage"]["completion_tokens"] == 3
+    assert tracker.tail.endswith(b"\n\ndata: [DONE]\n\n")
+
+
+def test_the_budget_is_shared_by_the_choices_and_every_open_one_ends() -> None:
+    tracker = StreamTracker(forward_usage=False, budget=4)
+    done = chunk([{"index": 1, "delta": {}, "finish_reason": "stop"}])
+    tracker.feed(word(0) + word(1) + word(2) + done + word(0) + word(2) + word(0))
+    assert tracker.cut
+    end = orjson.loads(tracker.tail.split(b"\n\n")[0][6:])
+    assert [c["index"] for c in end["choices"]] == [0, 2]
+
+
+def test_legacy_completions_end_with_text() -> None:
+    tracker = StreamTracker(forward_usage=False, budget=1)
+    text = b'data: {"object":"text_completion","choices":[{"index":0,"text":"a"}]}\n\n'
+    assert tracker.feed(text + text) == text
+    end = orjson.loads(tracker.tail.split(b"\n\n")[0][6:])
+    assert end["object"] == "text_completion"
+    assert end["choices"] == [{"index": 0, "logprobs": None, "finish_reason": "length", "text": ""}]

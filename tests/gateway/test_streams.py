@@ -80,8 +80,10 @@ async def test_stream_without_usage_is_counted(
     assert events[-1] == b"data: [DONE]"
     text = deltas(events)
     [event] = await gw.events("erin")
-    assert event.completion_tokens == gw.engine.counter.text(text, "demo-model")
+    # counted, but never more than the ticket allowed (the offline estimate errs high)
+    assert event.completion_tokens == min(12, gw.engine.counter.text(text, "demo-model"))
     assert event.prompt_tokens == gw.engine.counter.messages(MESSAGES, "demo-model")
+    assert event.estimated
 
 
 async def test_non_stream_without_usage_is_counted(
@@ -94,7 +96,8 @@ async def test_non_stream_without_usage_is_counted(
     )
     text = reply.choices[0].message.content or ""
     [event] = await gw.events("erin")
-    assert event.completion_tokens == gw.engine.counter.text(text, "demo-model")
+    assert event.completion_tokens == min(7, gw.engine.counter.text(text, "demo-model"))
+    assert event.estimated
 
 
 async def test_upstream_dropping_mid_stream_charges_what_was_delivered(
@@ -106,10 +109,11 @@ async def test_upstream_dropping_mid_stream_charges_what_was_delivered(
         assert response.status_code == 200
         events = [e for e in response.read().split(b"\n\n") if e]
     assert b"data: [DONE]" not in events
-    text = deltas(events)
+    assert orjson.loads(events[-1].removeprefix(b"data: "))["error"]["type"] == "server_error"
+    text = deltas(events[:-1])
     assert len(text.split()) == 3
     [event] = await gw.events("frank")
-    assert event.completion_tokens == gw.engine.counter.text(text, "demo-model")
+    assert event.completion_tokens == min(20, gw.engine.counter.text(text, "demo-model"))
     assert await gw.pending() == 0
 
 
