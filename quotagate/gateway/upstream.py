@@ -67,11 +67,15 @@ class UpstreamFailure(Exception):
 
     ``str()`` is for the log and may name the upstream's host; ``reason`` is what a client
     may be told (a verb phrase naming nothing internal: "closed the connection").
+    ``reached``: the request may have reached the upstream, which may be generating for
+    it, so it goes to no other channel (False: it provably never left, or the upstream
+    answered that it refused or failed it).
     """
 
-    def __init__(self, reason: str, detail: str | None = None) -> None:
+    def __init__(self, reason: str, detail: str | None = None, *, reached: bool = True) -> None:
         super().__init__(f"{reason} ({detail})" if detail else reason)
         self.reason = reason
+        self.reached = reached
 
 
 @dataclass(frozen=True)
@@ -369,7 +373,9 @@ class UpstreamClient:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise UpstreamFailure(
-                    "has an unusable URL", f"unsupported upstream URL scheme {parts.scheme!r}"
+                    "has an unusable URL",
+                    f"unsupported upstream URL scheme {parts.scheme!r}",
+                    reached=False,
                 )
             tls = parts.scheme == "https"
             port = parts.port or (443 if tls else 80)
@@ -418,11 +424,15 @@ class UpstreamClient:
                 self.connect_timeout,
             )
         except TimeoutError:
-            raise UpstreamFailure("timed out", f"connecting to {target.origin}") from None
+            raise UpstreamFailure(
+                "timed out", f"connecting to {target.origin}", reached=False
+            ) from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise UpstreamFailure(
-                "could not be reached", f"cannot connect to {target.origin}: {reason}"
+                "could not be reached",
+                f"cannot connect to {target.origin}: {reason}",
+                reached=False,
             ) from None
         return connection
 
@@ -456,7 +466,9 @@ class UpstreamClient:
             # provably unsent (see send): once more, on a connection of its own
             connection = await self._open(target)
             if not connection.send(request):
-                raise UpstreamFailure("closed the connection", f"{target.origin}, twice")
+                raise UpstreamFailure(
+                    "closed the connection", f"{target.origin}, twice", reached=False
+                )
         try:
             while not connection.headers_done:
                 await connection.wait(self.read_timeout)
