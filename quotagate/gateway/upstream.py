@@ -273,6 +273,7 @@ class UpstreamResponse:
             elif name == b"content-encoding":
                 encoding = value.strip().lower()
         self._decoder: Any = None
+        self._compressed = False  # compressed bytes arrived (an empty body is no gzip)
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # gzip or zlib, by their header
 
@@ -283,20 +284,41 @@ class UpstreamResponse:
     def _decode(self, data: bytes) -> bytes:
         """The body's next bytes as sent to the client: decompressed, and never more in
         all than the client's limit (a 200 KB gzip body can inflate to gigabytes)."""
-        limit = self._client.max_body_bytes
-        if self._decoder is not None:
-            try:
+        if self._decoder is None:
+            self._count(len(data))
+            return data
+        self._compressed = self._compressed or bool(data)
+        parts = []
+        try:
+            while True:
                 # at most one byte past the limit: enough to know it was passed
-                data = self._decoder.decompress(data, limit - self._size + 1)
-            except zlib.error:
-                raise UpstreamFailure("sent a body that does not decompress") from None
-        self._size += len(data)
+                limit = self._client.max_body_bytes
+                part = self._decoder.decompress(data, limit - self._size + 1)
+                self._count(len(part))
+                parts.append(part)
+                data = self._decoder.unused_data
+                if not data:
+                    break
+                # a gzip body may be several members (RFC 1952): the next one begins
+                self._decoder = zlib.decompressobj(wbits=47)
+        except zlib.error:
+            raise UpstreamFailure("sent a body that does not decompress") from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _count(self, size: int) -> None:
+        self._size += size
+        limit = self._client.max_body_bytes
         if self._size > limit:
             raise UpstreamFailure(
                 "sent an answer larger than the gateway accepts",
                 f"more than max_upstream_body_bytes={limit} bytes",
             )
-        return data
+
+    def _ended(self) -> None:
+        """The body is complete: a compressed one must have ended too (else it was cut)."""
+        decoder = self._decoder
+        if decoder is not None and not decoder.eof and self._compressed:
+            raise UpstreamFailure("sent a body that does not decompress", "cut short")
 
     async def read(self) -> bytes:
         """The whole body (taken as it arrives, so a large one never stalls the reading)."""
@@ -308,6 +330,7 @@ class UpstreamResponse:
                 if connection.body:
                     parts.append(self._decode(connection.take()))
                 if connection.complete:
+                    self._ended()
                     break
                 await connection.wait(timeout)
         except UpstreamFailure:
@@ -327,6 +350,7 @@ class UpstreamResponse:
                     if data:
                         yield data
                 elif connection.complete:
+                    self._ended()
                     self._finish()
                     return
                 else:

@@ -6,13 +6,16 @@ tests/support/qa1_upstream.py); the clients are the real `openai` SDK.
 
 from __future__ import annotations
 
+import gzip
 from collections import Counter
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 
 from tests.gateway.harness import channel, running_gateway
+from tests.support.qa1_upstream import gzip_answer, running_canned_upstream
 from tests.support.upstream_client_upstream import running_raw_upstream
 
 
@@ -36,3 +39,55 @@ async def test_a_request_an_upstream_may_have_read_goes_to_no_other_channel(
             assert failed.value.status_code == 502
             assert await gw.pending() == 0 and await gw.events() == []  # nothing charged
     assert Counter(up.generations)["x"] == 1  # generated once, not once per channel
+
+
+def _completion(text: str) -> bytes:
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-gz",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        }
+    )
+
+
+async def test_a_gzip_body_of_several_members_arrives_whole(tmp_path: Path) -> None:
+    """RFC 1952: a gzip body is a series of members. All of them are the answer, not the
+    first one cut off silently (a 200 whose JSON ends half way)."""
+    whole = _completion("all of it")
+    members = gzip.compress(whole[:40]) + gzip.compress(whole[40:])
+    with (
+        running_canned_upstream(lambda _: gzip_answer(members)) as up,
+        running_gateway(tmp_path, [channel("gz", up.base_url, ["m"])]) as gw,
+    ):
+        answer = gw.client(gw.key("alice")).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        assert answer.choices[0].message.content == "all of it"
+        assert [(e.prompt_tokens, e.completion_tokens) for e in await gw.events()] == [(5, 3)]
+
+
+async def test_a_gzip_body_cut_short_is_a_502_not_a_partial_answer(tmp_path: Path) -> None:
+    """Framing intact (Content-Length matches) but the gzip stream ends half way: the
+    answer is unusable, so the client gets a clean 502 and nothing is charged."""
+    cut = gzip.compress(_completion("x" * 2000))[:-30]
+    with (
+        running_canned_upstream(lambda _: gzip_answer(cut)) as up,
+        running_gateway(tmp_path, [channel("gz", up.base_url, ["m"])]) as gw,
+    ):
+        with pytest.raises(openai.APIStatusError) as failed:
+            gw.client(gw.key("alice")).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+        assert failed.value.status_code == 502
+        assert "does not decompress" in failed.value.response.json()["error"]["message"]
+        assert await gw.pending() == 0 and await gw.events() == []
