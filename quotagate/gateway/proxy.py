@@ -152,7 +152,8 @@ class Proxy:
                         detail = f"{response.origin}: {excerpt(data, channel.api_key)}"
                         raise UpstreamFailure(fault, detail, reached=False)
                     await self.engine.cancel(ticket)
-                    reply = (status, client_error(status, data, channel.api_key))
+                    error = client_error(status, data, channel.api_key, response.origin)
+                    reply = (status, error)
                     if status == 429 and not last:
                         # the provider's own rate limit: another channel may have room
                         held_reply = (*reply, response.headers())

@@ -69,8 +69,10 @@ def channel_fault(status: int, data: bytes) -> str | None:
     return None
 
 
-def client_error(status: int, data: bytes, secret: str | None) -> bytes:
-    """The body a client gets for an upstream's 4xx answer (status `status`)."""
+def client_error(status: int, data: bytes, secret: str | None, origin: str = "") -> bytes:
+    """The body a client gets for an upstream's 4xx answer (status `status`); `origin`
+    is the upstream's host:port, which its message may echo (its Host header) and no
+    client is told."""
     if status == 429:
         return error_body(
             "The upstream provider is rate limiting this gateway; retry shortly.",
@@ -81,6 +83,9 @@ def client_error(status: int, data: bytes, secret: str | None) -> bytes:
     message = error.get("message")
     if isinstance(message, str) and message.strip():
         message = scrub(message, secret)
+        if origin:
+            host = origin.rpartition(":")[0].strip("[]")
+            message = message.replace(origin, "[upstream]").replace(host, "[upstream]")
         if len(message) > MESSAGE_CHARS:
             message = message[: MESSAGE_CHARS - 1] + "…"
     else:

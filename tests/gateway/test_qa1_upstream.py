@@ -91,3 +91,33 @@ async def test_a_gzip_body_cut_short_is_a_502_not_a_partial_answer(tmp_path: Pat
         assert failed.value.status_code == 502
         assert "does not decompress" in failed.value.response.json()["error"]["message"]
         assert await gw.pending() == 0 and await gw.events() == []
+
+
+async def test_an_upstream_4xx_that_names_its_host_reaches_the_client_without_it(
+    tmp_path: Path,
+) -> None:
+    """A 400 whose message echoes the request it got (its Host header: the upstream's
+    internal address) keeps its message for the client, minus the host and port."""
+    where: list[str] = []
+
+    def refuse(_: dict[str, object]) -> bytes:
+        message = f"bad request to {where[0]} (Host: {where[0]}); upstream host {where[1]}"
+        data = orjson.dumps({"error": {"message": message, "type": "invalid_request_error"}})
+        return (
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(data) + data
+        )
+
+    with running_canned_upstream(refuse) as up:
+        origin = up.base_url.split("/")[2]
+        where += [origin, origin.split(":")[0]]
+        with (
+            running_gateway(tmp_path, [channel("raw", up.base_url, ["m"])]) as gw,
+            pytest.raises(openai.BadRequestError) as refused,
+        ):
+            gw.client(gw.key("alice")).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+    message = refused.value.response.json()["error"]["message"]
+    assert "127.0.0.1" not in message and origin.split(":")[1] not in message
+    assert message == ("bad request to [upstream] (Host: [upstream]); upstream host [upstream]")
