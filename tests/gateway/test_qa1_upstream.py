@@ -16,6 +16,7 @@ import pytest
 
 from tests.gateway.harness import channel, running_gateway
 from tests.support.qa1_upstream import gzip_answer, running_canned_upstream
+from tests.support.upstream import RunningUpstream
 from tests.support.upstream_client_upstream import running_raw_upstream
 
 
@@ -121,3 +122,41 @@ async def test_an_upstream_4xx_that_names_its_host_reaches_the_client_without_it
     message = refused.value.response.json()["error"]["message"]
     assert "127.0.0.1" not in message and origin.split(":")[1] not in message
     assert message == ("bad request to [upstream] (Host: [upstream]); upstream host [upstream]")
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (402, "Insufficient credits. Add more using https://openrouter.ai/settings/credits"),
+        (404, "The model `meta-llama/x` does not exist or you do not have access to it."),
+        (407, "Proxy authentication required"),
+    ],
+)
+async def test_upstream_refusals_that_are_the_operators_are_a_502_or_the_next_channel(
+    status: int, message: str, upstream: RunningUpstream, tmp_path: Path
+) -> None:
+    """The provider account out of credit (OpenRouter's 402), a model the channel is
+    configured for that the provider does not have (404), a proxy refusing the gateway
+    (407): nothing the client can act on, so not its 4xx."""
+    data = orjson.dumps({"error": {"message": message, "code": status}})
+    answer = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n" % status
+    answer += b"Content-Length: %d\r\n\r\n" % len(data) + data
+    with running_canned_upstream(lambda _: answer) as up:
+        refusing = channel("refusing", up.base_url, ["demo-model"], priority=1)
+        with running_gateway(tmp_path, [refusing]) as gw:
+            client = gw.client(gw.key("alice"))
+            with pytest.raises(openai.APIStatusError) as failed:
+                client.chat.completions.create(
+                    model="demo-model", messages=[{"role": "user", "content": "hi"}]
+                )
+            assert failed.value.status_code == 502
+            assert failed.value.response.json()["error"]["code"] == "upstream_error"
+            assert message not in failed.value.response.text
+        (tmp_path / "2").mkdir()
+        backup = channel("backup", upstream, ["demo-model"])
+        with running_gateway(tmp_path / "2", [refusing, backup]) as gw:
+            answered = gw.client(gw.key("alice")).chat.completions.create(
+                model="demo-model", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert answered.choices[0].message.content
+            assert [event.channel for event in await gw.events()] == ["backup"]
