@@ -9,7 +9,8 @@ param, capped, with the channel's key and any bearer token scrubbed; the upstrea
 limit becomes a message of the gateway's own. Refusals that are the operator's business
 (the channel's credentials refused, the provider account out of quota or credit, a
 model or endpoint the channel is configured for that the provider lacks, a proxy refusing
-the gateway) are not 4xx for the client at all: the proxy treats them as a failing channel (:func:`channel_fault`).
+the gateway) are not 4xx for the client at all: the proxy treats them as a failing
+channel (:func:`channel_fault`).
 The log gets a scrubbed excerpt of the body (:func:`excerpt`).
 """
 
