@@ -52,6 +52,9 @@ PASSED_HEADERS = frozenset(
         b"retry-after-ms",
     }
 )
+#: the longest value of a passed header: ids and timings are short, and one header of
+#: kilobytes makes HTTP clients refuse the whole answer (aiohttp's limit is 8 KB)
+PASSED_VALUE_BYTES = 256
 #: what the upstream may send at most of one answer, decoded (``max_upstream_body_bytes``)
 MAX_BODY = 64 * 1024 * 1024
 #: an idle connection older than this is not reused (servers close idle connections after
@@ -267,7 +270,8 @@ class UpstreamResponse:
         encoding = b""
         for name, value in connection.headers:
             if name in PASSED_HEADERS:
-                self._headers.append((name, value))
+                if len(value) <= PASSED_VALUE_BYTES:
+                    self._headers.append((name, value))
             elif name == b"content-type":
                 self.content_type = value
             elif name == b"content-encoding":

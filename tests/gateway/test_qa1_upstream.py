@@ -160,3 +160,26 @@ async def test_upstream_refusals_that_are_the_operators_are_a_502_or_the_next_ch
             )
             assert answered.choices[0].message.content
             assert [event.channel for event in await gw.events()] == ["backup"]
+
+
+async def test_an_oversized_upstream_header_is_not_passed_on(tmp_path: Path) -> None:
+    """An allowed header (x-request-id) 60 KB long: HTTP clients refuse a response with a
+    header that large (aiohttp, which Open WebUI uses, above 8 KB), so one upstream could
+    break every answer; the header is dropped, the answer arrives."""
+    data = _completion("fine")
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-request-id: "
+        + b"r" * 60_000
+        + b"\r\nopenai-processing-ms: 7\r\nContent-Length: %d\r\n\r\n" % len(data)
+        + data
+    )
+    with (
+        running_canned_upstream(lambda _: answer) as up,
+        running_gateway(tmp_path, [channel("raw", up.base_url, ["m"])]) as gw,
+    ):
+        raw = gw.client(gw.key("alice")).chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+    assert raw.parse().choices[0].message.content == "fine"
+    assert "x-request-id" not in raw.headers
+    assert raw.headers["openai-processing-ms"] == "7"
