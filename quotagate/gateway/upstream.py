@@ -280,6 +280,9 @@ class UpstreamResponse:
         self._compressed = False  # compressed bytes arrived (an empty body is no gzip)
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # gzip or zlib, by their header
+        #: an encoding not read here (brotli, zstd, gzip twice): sending no Accept-Encoding
+        #: allows any, and its bytes passed on as JSON would be garbage, charged unread
+        self._foreign = encoding not in (b"", b"identity") and self._decoder is None
 
     def headers(self) -> Headers:
         """The upstream's headers a client gets (:data:`PASSED_HEADERS`; a new list)."""
@@ -289,6 +292,8 @@ class UpstreamResponse:
         """The body's next bytes as sent to the client: decompressed, and never more in
         all than the client's limit (a 200 KB gzip body can inflate to gigabytes)."""
         if self._decoder is None:
+            if self._foreign and data:
+                raise UpstreamFailure("sent an answer in an encoding the gateway cannot read")
             self._count(len(data))
             return data
         self._compressed = self._compressed or bool(data)

@@ -183,3 +183,25 @@ async def test_an_oversized_upstream_header_is_not_passed_on(tmp_path: Path) -> 
     assert raw.parse().choices[0].message.content == "fine"
     assert "x-request-id" not in raw.headers
     assert raw.headers["openai-processing-ms"] == "7"
+
+
+@pytest.mark.parametrize("encoding", [b"br", b"zstd", b"gzip, gzip"])
+async def test_an_answer_in_an_encoding_the_gateway_cannot_read_is_a_502(
+    encoding: bytes, tmp_path: Path
+) -> None:
+    """The gateway sends no Accept-Encoding, which HTTP reads as "any": an upstream may
+    answer in brotli. Passing those bytes on as JSON gave the client garbage and charged
+    no completion (the usage could not be read); it is a failure of the channel."""
+    data = gzip.compress(gzip.compress(_completion("x")))
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: "
+    answer += encoding + b"\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+    with (
+        running_canned_upstream(lambda _: answer) as up,
+        running_gateway(tmp_path, [channel("raw", up.base_url, ["m"])]) as gw,
+    ):
+        with pytest.raises(openai.APIStatusError) as failed:
+            gw.client(gw.key("alice")).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+        assert failed.value.status_code == 502
+        assert await gw.pending() == 0 and await gw.events() == []
