@@ -23,7 +23,7 @@ import orjson
 from pydantic import BaseModel
 
 from quotagate.config import Settings
-from quotagate.core.decisions import Decision, Hold
+from quotagate.core.decisions import Decision, Hold, decide
 from quotagate.core.errors import (
     InvalidInput,
     QuotaExceeded,
@@ -40,7 +40,7 @@ from quotagate.core.text import check_name, shown, shown_repr
 from quotagate.core.tokens import TokenCounter
 from quotagate.core.windows import Window, parse_window
 from quotagate.leases import LeaseKeeper
-from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent
+from quotagate.store.base import CounterDiff, CounterStore, StoredTicket, UsageEvent, summed
 from quotagate.store.catalog import Catalog
 from quotagate.store.catalog_calls import CatalogCalls
 
@@ -289,7 +289,7 @@ class Engine:
         strict = self.settings.mode == "strict"
         ticket_id = uuid.uuid4().hex
         expires = at.timestamp() + self.settings.lease_seconds
-        first_refusal: tuple[_Spec, Hold, int, int] | None = None
+        first_refusal: tuple[list[_Spec], list[Hold], Decision, int] | None = None
         for option, min_output, reported in self._attempts(user, options, want, strict):
             specs = common + option.specs
             holds = [self._hold(spec, at, prompt_tokens, price, multiplier) for spec in specs]
@@ -341,11 +341,49 @@ class Engine:
             if decision.admitted:
                 return _admitted(record, decision)
             if first_refusal is None and reported:
-                assert decision.refused is not None
-                index = decision.refused
-                first_refusal = (specs[index], holds[index], decision.used, decision.reserved)
+                first_refusal = (specs, holds, decision, min_output)
         assert first_refusal is not None
-        raise QuotaExceeded(await self._refusal(*first_refusal, want, at))
+        raise QuotaExceeded(await self._last_to_free(*first_refusal, want, strict, at))
+
+    async def _last_to_free(
+        self,
+        specs: list[_Spec],
+        holds: list[Hold],
+        decision: Decision,
+        min_output: int,
+        want: int,
+        strict: bool,
+        at: datetime,
+    ) -> Refusal:
+        """The refusal of the limit that frees up last among those refusing the request.
+
+        The store's decision stops at the first limit that refuses; the request fits again
+        only once every refusing one has room, so telling the first (an hourly allowance,
+        a key's per-minute limit) would send the client back too early, and as a rate limit
+        to retry, while a weekly or daily one is used up. Refusals only: one counter read.
+        """
+        assert decision.refused is not None
+        first = decision.refused
+        refusal = await self._refusal(
+            specs[first], holds[first], decision.used, decision.reserved, want, at
+        )
+        others = [i for i, hold in enumerate(holds) if i != first and hold.limit is not None]
+        if not others:
+            return refusal
+        states = await self.store.counters([k for i in others for k in holds[i].read_keys])
+        for index in others:
+            used, reserved = summed(states, holds[index].read_keys)
+            alone = decide(
+                [holds[index]], [(used, reserved)], want, strict=strict, min_output=min_output
+            )
+            if alone.admitted:
+                continue
+            other = await self._refusal(specs[index], holds[index], used, reserved, want, at)
+            if refusal.resets_at is not None and (
+                other.resets_at is None or other.resets_at > refusal.resets_at
+            ):
+                refusal = other
+        return refusal
 
     def _give_back(self, ticket_id: str) -> None:
         """The caller was cancelled while the store reserved. If the reservation was made,

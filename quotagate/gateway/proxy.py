@@ -1,8 +1,10 @@
 """One model call through the gateway: admit, route, call upstream, stream back, settle.
 
 The ticket of an attempt lives exactly as long as the attempt: a channel that fails
-before the client saw a byte gets its ticket cancelled (nothing charged) and the next
-channel is admitted afresh, since its own caps are part of the reservation. Once bytes
+before the client saw a byte gets its ticket cancelled (nothing charged) and, if the
+request provably never reached it or it answered with a failure, the next channel is
+admitted afresh, since its own caps are part of the reservation (a request the upstream
+may have read is sent nowhere else: it may be generating). Once bytes
 have reached the client the attempt is the answer, whatever happens next, and it is
 settled on what the upstream reported, or else on what was delivered.
 """
@@ -159,9 +161,10 @@ class Proxy:
                         fault = f"answered HTTP {status}"
                     if fault is not None:  # the channel's problem, not the client's
                         detail = f"{response.origin}: {excerpt(data, channel.api_key)}"
-                        raise UpstreamFailure(fault, detail)
+                        raise UpstreamFailure(fault, detail, reached=False)
                     await self.engine.cancel(ticket)
-                    reply = (status, client_error(status, data, channel.api_key))
+                    error = client_error(status, data, channel.api_key, response.origin)
+                    reply = (status, error)
                     if status == 429 and not last:
                         # the provider's own rate limit: another channel may have room
                         held_reply = (*reply, response.headers())
@@ -184,6 +187,8 @@ class Proxy:
                     exc,
                     " (resting)" if resting else "",
                 )
+                if exc.reached:
+                    break  # the upstream may be generating for it: sent nowhere else
                 continue
             self.router.succeeded(channel)
             usage = self._reply_usage(call, ticket, data)

@@ -52,6 +52,9 @@ PASSED_HEADERS = frozenset(
         b"retry-after-ms",
     }
 )
+#: the longest value of a passed header: ids and timings are short, and one header of
+#: kilobytes makes HTTP clients refuse the whole answer (aiohttp's limit is 8 KB)
+PASSED_VALUE_BYTES = 256
 #: what the upstream may send at most of one answer, decoded (``max_upstream_body_bytes``)
 MAX_BODY = 64 * 1024 * 1024
 #: an idle connection older than this is not reused (servers close idle connections after
@@ -67,11 +70,15 @@ class UpstreamFailure(Exception):
 
     ``str()`` is for the log and may name the upstream's host; ``reason`` is what a client
     may be told (a verb phrase naming nothing internal: "closed the connection").
+    ``reached``: the request may have reached the upstream, which may be generating for
+    it, so it goes to no other channel (False: it provably never left, or the upstream
+    answered that it refused or failed it).
     """
 
-    def __init__(self, reason: str, detail: str | None = None) -> None:
+    def __init__(self, reason: str, detail: str | None = None, *, reached: bool = True) -> None:
         super().__init__(f"{reason} ({detail})" if detail else reason)
         self.reason = reason
+        self.reached = reached
 
 
 @dataclass(frozen=True)
@@ -263,14 +270,19 @@ class UpstreamResponse:
         encoding = b""
         for name, value in connection.headers:
             if name in PASSED_HEADERS:
-                self._headers.append((name, value))
+                if len(value) <= PASSED_VALUE_BYTES:
+                    self._headers.append((name, value))
             elif name == b"content-type":
                 self.content_type = value
             elif name == b"content-encoding":
                 encoding = value.strip().lower()
         self._decoder: Any = None
+        self._compressed = False  # compressed bytes arrived (an empty body is no gzip)
         if encoding in (b"gzip", b"x-gzip", b"deflate"):
             self._decoder = zlib.decompressobj(wbits=47)  # gzip or zlib, by their header
+        #: an encoding not read here (brotli, zstd, gzip twice): sending no Accept-Encoding
+        #: allows any, and its bytes passed on as JSON would be garbage, charged unread
+        self._foreign = encoding not in (b"", b"identity") and self._decoder is None
 
     def headers(self) -> Headers:
         """The upstream's headers a client gets (:data:`PASSED_HEADERS`; a new list)."""
@@ -279,20 +291,43 @@ class UpstreamResponse:
     def _decode(self, data: bytes) -> bytes:
         """The body's next bytes as sent to the client: decompressed, and never more in
         all than the client's limit (a 200 KB gzip body can inflate to gigabytes)."""
-        limit = self._client.max_body_bytes
-        if self._decoder is not None:
-            try:
+        if self._decoder is None:
+            if self._foreign and data:
+                raise UpstreamFailure("sent an answer in an encoding the gateway cannot read")
+            self._count(len(data))
+            return data
+        self._compressed = self._compressed or bool(data)
+        parts = []
+        try:
+            while True:
                 # at most one byte past the limit: enough to know it was passed
-                data = self._decoder.decompress(data, limit - self._size + 1)
-            except zlib.error:
-                raise UpstreamFailure("sent a body that does not decompress") from None
-        self._size += len(data)
+                limit = self._client.max_body_bytes
+                part = self._decoder.decompress(data, limit - self._size + 1)
+                self._count(len(part))
+                parts.append(part)
+                data = self._decoder.unused_data
+                if not data:
+                    break
+                # a gzip body may be several members (RFC 1952): the next one begins
+                self._decoder = zlib.decompressobj(wbits=47)
+        except zlib.error:
+            raise UpstreamFailure("sent a body that does not decompress") from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _count(self, size: int) -> None:
+        self._size += size
+        limit = self._client.max_body_bytes
         if self._size > limit:
             raise UpstreamFailure(
                 "sent an answer larger than the gateway accepts",
                 f"more than max_upstream_body_bytes={limit} bytes",
             )
-        return data
+
+    def _ended(self) -> None:
+        """The body is complete: a compressed one must have ended too (else it was cut)."""
+        decoder = self._decoder
+        if decoder is not None and not decoder.eof and self._compressed:
+            raise UpstreamFailure("sent a body that does not decompress", "cut short")
 
     async def read(self) -> bytes:
         """The whole body (taken as it arrives, so a large one never stalls the reading)."""
@@ -304,6 +339,7 @@ class UpstreamResponse:
                 if connection.body:
                     parts.append(self._decode(connection.take()))
                 if connection.complete:
+                    self._ended()
                     break
                 await connection.wait(timeout)
         except UpstreamFailure:
@@ -323,6 +359,7 @@ class UpstreamResponse:
                     if data:
                         yield data
                 elif connection.complete:
+                    self._ended()
                     self._finish()
                     return
                 else:
@@ -369,7 +406,9 @@ class UpstreamClient:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise UpstreamFailure(
-                    "has an unusable URL", f"unsupported upstream URL scheme {parts.scheme!r}"
+                    "has an unusable URL",
+                    f"unsupported upstream URL scheme {parts.scheme!r}",
+                    reached=False,
                 )
             tls = parts.scheme == "https"
             port = parts.port or (443 if tls else 80)
@@ -418,11 +457,15 @@ class UpstreamClient:
                 self.connect_timeout,
             )
         except TimeoutError:
-            raise UpstreamFailure("timed out", f"connecting to {target.origin}") from None
+            raise UpstreamFailure(
+                "timed out", f"connecting to {target.origin}", reached=False
+            ) from None
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise UpstreamFailure(
-                "could not be reached", f"cannot connect to {target.origin}: {reason}"
+                "could not be reached",
+                f"cannot connect to {target.origin}: {reason}",
+                reached=False,
             ) from None
         return connection
 
@@ -456,7 +499,9 @@ class UpstreamClient:
             # provably unsent (see send): once more, on a connection of its own
             connection = await self._open(target)
             if not connection.send(request):
-                raise UpstreamFailure("closed the connection", f"{target.origin}, twice")
+                raise UpstreamFailure(
+                    "closed the connection", f"{target.origin}, twice", reached=False
+                )
         try:
             while not connection.headers_done:
                 await connection.wait(self.read_timeout)

@@ -7,8 +7,10 @@ client gets it as sent. A 4xx the client can act on (a bad request, a context to
 rendered again as an OpenAI error carrying only the upstream's message, type, code and
 param, capped, with the channel's key and any bearer token scrubbed; the upstream's rate
 limit becomes a message of the gateway's own. Refusals that are the operator's business
-(the channel's credentials refused, the provider account out of quota) are not 4xx for
-the client at all: the proxy treats them as a failing channel (:func:`channel_fault`).
+(the channel's credentials refused, the provider account out of quota or credit, a
+model or endpoint the channel is configured for that the provider lacks, a proxy refusing
+the gateway) are not 4xx for the client at all: the proxy treats them as a failing
+channel (:func:`channel_fault`).
 The log gets a scrubbed excerpt of the body (:func:`excerpt`).
 """
 
@@ -62,6 +64,12 @@ def channel_fault(status: int, data: bytes) -> str | None:
     channel and, if none is left, answers 502), or None."""
     if status in (401, 403):
         return f"refused the gateway's credentials (HTTP {status})"
+    if status == 402:  # OpenRouter and others: the provider account has no credit left
+        return "has no credit left at the provider (HTTP 402)"
+    if status == 404:  # the model or endpoint the channel is configured for, not there
+        return "does not serve the configured model or endpoint (HTTP 404)"
+    if status == 407:
+        return "is behind a proxy that refused the gateway (HTTP 407)"
     if status == 429:
         error = _parse(data)
         if "insufficient_quota" in (error.get("code"), error.get("type")):
@@ -69,8 +77,10 @@ def channel_fault(status: int, data: bytes) -> str | None:
     return None
 
 
-def client_error(status: int, data: bytes, secret: str | None) -> bytes:
-    """The body a client gets for an upstream's 4xx answer (status `status`)."""
+def client_error(status: int, data: bytes, secret: str | None, origin: str = "") -> bytes:
+    """The body a client gets for an upstream's 4xx answer (status `status`); `origin`
+    is the upstream's host:port, which its message may echo (its Host header) and no
+    client is told."""
     if status == 429:
         return error_body(
             "The upstream provider is rate limiting this gateway; retry shortly.",
@@ -81,6 +91,9 @@ def client_error(status: int, data: bytes, secret: str | None) -> bytes:
     message = error.get("message")
     if isinstance(message, str) and message.strip():
         message = scrub(message, secret)
+        if origin:
+            host = origin.rpartition(":")[0].strip("[]")
+            message = message.replace(origin, "[upstream]").replace(host, "[upstream]")
         if len(message) > MESSAGE_CHARS:
             message = message[: MESSAGE_CHARS - 1] + "…"
     else:
