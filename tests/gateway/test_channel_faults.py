@@ -1,7 +1,7 @@
 """Checks from outside of what reaches an upstream, and what of its answer reaches a client.
 
 The upstreams are raw asyncio servers (tests/support/upstream_client_upstream.py and
-tests/support/qa1_upstream.py); the clients are the real `openai` SDK.
+tests/support/channel_faults_upstream.py); the clients are the real `openai` SDK.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.gateway.harness import channel, running_gateway
-from tests.support.qa1_upstream import gzip_answer, running_canned_upstream
+from tests.support.channel_faults_upstream import gzip_answer, running_canned_upstream
 from tests.support.upstream import RunningUpstream
 from tests.support.upstream_client_upstream import running_raw_upstream
 
