@@ -36,8 +36,10 @@ from quotagate.gateway.auth import Authenticator
 from quotagate.gateway.channels import Channel, demo_channel, load_channels, sync_config_caps
 from quotagate.gateway.engine_api import QUOTA_PREFIX, QuotaApi
 from quotagate.gateway.errors import (
+    READ_METHODS,
     ApiError,
     bad_request,
+    check_method,
     method_not_allowed,
     model_forbidden,
     model_not_found,
@@ -57,6 +59,7 @@ _MODEL_ROUTES = {
     "/v1/completions": COMPLETIONS,
     "/v1/embeddings": EMBEDDINGS,
 }
+_GET_ROUTES = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics"})
 _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -194,11 +197,12 @@ class Gateway:
         outcome = Outcome()
         try:
             if endpoint is not None:
-                if method != "POST":
-                    raise method_not_allowed(method, path)
+                check_method(method, path, "POST")
                 status = await self._model_call(endpoint, scope, receive, send, entry, outcome)
-            elif method != "GET" and path in ("/v1/models", "/healthz", "/readyz", "/metrics"):
-                raise method_not_allowed(method, path)
+            elif method not in READ_METHODS and (
+                path in _GET_ROUTES or path.startswith("/v1/models/")
+            ):
+                raise method_not_allowed(method, path, ", ".join(READ_METHODS))
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 status = await self._models(scope, send, entry, path[len("/v1/models/") :])
             elif path == "/healthz":

@@ -46,7 +46,7 @@ from quotagate.core.pricing import Usage
 from quotagate.engine import AdmitContext, Engine, LimitStatus, Ticket
 from quotagate.gateway.asgi import Receive, Scope, Send, header_map, read_body, respond
 from quotagate.gateway.auth import Authenticator
-from quotagate.gateway.errors import ApiError, bad_request, method_not_allowed, not_found
+from quotagate.gateway.errors import ApiError, bad_request, check_method, not_found
 from quotagate.gateway.openwebui import OpenWebUIUsers, Person, check_user_id, clean_groups
 from quotagate.gateway.ratelimit import refusal_error
 from quotagate.store.base import UsageEvent
@@ -211,8 +211,7 @@ class QuotaApi:
         method: str = scope["method"]
         name = path[len(QUOTA_PREFIX) :]
         if name == "openapi.json":
-            if method != "GET":
-                raise method_not_allowed(method, path)
+            check_method(method, path, "GET")
             if self._openapi is None:
                 self._openapi = orjson.dumps(openapi())
             await respond(send, 200, self._openapi)
@@ -220,8 +219,7 @@ class QuotaApi:
         routes = {"admit": "POST", "settle": "POST", "cancel": "POST", "status": "GET"}
         if name not in routes:
             raise not_found(path)
-        if method != routes[name]:
-            raise method_not_allowed(method, path)
+        check_method(method, path, routes[name])
         headers = header_map(scope)
         key = self._key(headers)
         entry["key"] = key.id

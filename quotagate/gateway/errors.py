@@ -85,7 +85,25 @@ def not_found(path: str) -> ApiError:
     return ApiError(404, f"Unknown URL: {path}", "invalid_request_error", "unknown_url")
 
 
-def method_not_allowed(method: str, path: str) -> ApiError:
+def method_not_allowed(method: str, path: str, allowed: str) -> ApiError:
+    """405, with the `Allow` header HTTP requires (``allowed``: what the route answers)."""
     return ApiError(
-        405, f"Method {method} is not allowed on {path}.", "invalid_request_error", None
+        405,
+        f"Method {method} is not allowed on {path} (allowed: {allowed}).",
+        "invalid_request_error",
+        "method_not_allowed",
+        headers=[(b"allow", allowed.encode())],
     )
+
+
+#: what a GET route answers: HEAD too, as HTTP requires (uvicorn sends the headers, no body)
+READ_METHODS = ("GET", "HEAD")
+
+
+def check_method(method: str, path: str, route: str) -> None:
+    """Refuse (405) any method but the route's (``"GET"``, with HEAD, or ``"POST"``)."""
+    if route == "GET":
+        if method not in READ_METHODS:
+            raise method_not_allowed(method, path, ", ".join(READ_METHODS))
+    elif method != route:
+        raise method_not_allowed(method, path, route)
