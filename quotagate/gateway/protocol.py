@@ -265,6 +265,9 @@ class GatewayProtocol(HttpToolsProtocol):
         else:
             seconds, part = limits.header_timeout, "headers"
         log.info("closed a connection: request %s not received within %gs", part, seconds)
+        if waiting == _BODY and self.cycle.response_started:
+            self._close()  # answered already, without waiting for the body (401, 413)
+            return
         refusal = _refusal(
             408, f"The request {part} did not arrive within {seconds:g} seconds.", "request_timeout"
         )

@@ -149,6 +149,19 @@ async def test_slow_body_clients_get_408_and_change_nothing(
     assert await asyncio.to_thread(chat, strict, key)
 
 
+async def test_a_slow_body_answered_before_it_arrived_is_closed_without_a_second_answer(
+    strict: RunningGateway,
+) -> None:
+    body = orjson.dumps(CHAT)
+    client = await RawClient.open(port_of(strict))
+    assert await client.send(chat_head("qg-not-a-key", len(body)))
+    dribbling = asyncio.create_task(client.dribble(body, 0.1))
+    answer = await client.answer(timeout=BODY_TIMEOUT + 3)
+    assert answer.status == 401
+    assert answer.raw.count(b"HTTP/1.1 ") == 1  # the 401 only, then closed
+    assert not await dribbling
+
+
 async def test_huge_headers_get_431_after_at_most_the_limit_was_read(
     strict: RunningGateway,
 ) -> None:
