@@ -82,50 +82,55 @@ async def test_slow_header_clients_are_cut_while_a_normal_client_is_served(
 ) -> None:
     key = strict.key("alice")
     head = chat_head(key, 20)  # ~200 bytes: 20 s at a byte every 0.1 s
+    opened = time.monotonic()
     slow = [await RawClient.open(port_of(strict)) for _ in range(20)]
-    begun = time.monotonic()
     dribbling = [asyncio.create_task(c.dribble(head, 0.1)) for c in slow]
     assert await asyncio.to_thread(chat, strict, key)  # served while they dribble
-    answers = await asyncio.gather(*(c.answer(timeout=HEADER_TIMEOUT + 3) for c in slow))
-    elapsed = time.monotonic() - begun
-    assert elapsed < HEADER_TIMEOUT + 1.5
+    answers = await asyncio.gather(*(c.answer(timeout=HEADER_TIMEOUT + 5) for c in slow))
     for answer in answers:
         assert answer.status == 408 and error_code(answer) == "request_timeout"
         assert answer.headers["connection"] == "close"
+        assert HEADER_TIMEOUT - 0.1 < answer.closed_at - opened < HEADER_TIMEOUT + 3
     assert not any(await asyncio.gather(*dribbling))  # cut off before they finished
-    assert min(c.sent for c in slow) >= 5  # each was cut for its pace, not at once
     assert len(await strict.events("alice")) == 1 and await strict.pending() == 0
 
 
 async def test_silent_and_idle_connections_are_closed(strict: RunningGateway) -> None:
+    opened = time.monotonic()
     silent = [await RawClient.open(port_of(strict)) for _ in range(50)]
     kept = await RawClient.open(port_of(strict))
     assert await kept.send(request_head("/healthz"))
+    asked = time.monotonic()
     # a new connection that never speaks is closed without an answer after header_timeout
-    answers = await asyncio.gather(*(c.answer(timeout=HEADER_TIMEOUT + 3) for c in silent))
+    answers = await asyncio.gather(*(c.answer(timeout=HEADER_TIMEOUT + 5) for c in silent))
     for answer in answers:
         assert answer.raw == b""
-        assert HEADER_TIMEOUT - 0.2 < answer.closed_after < HEADER_TIMEOUT + 1.5
+        assert HEADER_TIMEOUT - 0.1 < answer.closed_at - opened < HEADER_TIMEOUT + 3
     # a kept-alive connection is closed keep_alive_timeout after its last answer
-    answered = await kept.answer(timeout=KEEP_ALIVE + 3)
+    answered = await kept.answer(timeout=KEEP_ALIVE + 5)
     assert answered.status == 200 and answered.body == b'{"status":"ok"}'
-    assert answered.closed_after < KEEP_ALIVE + 1.5
+    assert KEEP_ALIVE - 0.1 < answered.closed_at - asked < KEEP_ALIVE + 3
 
 
 async def test_the_next_request_on_a_kept_alive_connection_has_the_header_timeout(
-    strict: RunningGateway,
+    upstream: RunningUpstream, tmp_path: Path
 ) -> None:
-    client = await RawClient.open(port_of(strict))
-    # a request with a body moves the connection's deadline to the (later) body deadline
-    body = orjson.dumps(CHAT)
-    assert await client.send(chat_head(strict.key("alice"), len(body)) + body)
-    assert (await client.response()).status == 200
-    begun = time.monotonic()
-    dribbling = asyncio.create_task(client.dribble(request_head("/healthz"), 0.1))
-    answer = await client.answer(timeout=HEADER_TIMEOUT + 3)
-    assert answer.status == 408
-    assert time.monotonic() - begun < HEADER_TIMEOUT + 1.0
-    assert not await dribbling
+    channels = [channel("main", upstream, MODELS)]
+    with running_gateway(tmp_path, channels, header_timeout=1, body_timeout=6) as gw:
+        client = await RawClient.open(port_of(gw))
+        # a body slower than the header deadline moves the connection's timer to the later
+        # body deadline; the next request's header deadline must still hold
+        body = orjson.dumps(CHAT)
+        assert await client.send(chat_head(gw.key("alice"), len(body)))
+        await asyncio.sleep(1.3)
+        assert await client.send(body)
+        assert (await client.response()).status == 200
+        begun = time.monotonic()
+        dribbling = asyncio.create_task(client.dribble(request_head("/healthz"), 0.1))
+        answer = await client.answer(timeout=8)
+        assert answer.status == 408 and b"headers" in answer.body
+        assert 0.9 < answer.closed_at - begun < 3.5  # not the body's deadline (6 s)
+        assert not await dribbling
 
 
 async def test_slow_body_clients_get_408_and_change_nothing(
@@ -136,10 +141,8 @@ async def test_slow_body_clients_get_408_and_change_nothing(
     slow = [await RawClient.open(port_of(strict)) for _ in range(10)]
     for client in slow:
         assert await client.send(chat_head(key, len(body)))
-    begun = time.monotonic()
     dribbling = [asyncio.create_task(c.dribble(body, 0.1)) for c in slow]
-    answers = await asyncio.gather(*(c.answer(timeout=BODY_TIMEOUT + 3) for c in slow))
-    assert time.monotonic() - begun < BODY_TIMEOUT + 1.5
+    answers = await asyncio.gather(*(c.answer(timeout=BODY_TIMEOUT + 5) for c in slow))
     for answer in answers:
         assert answer.status == 408 and error_code(answer) == "request_timeout"
         assert b"body" in answer.body

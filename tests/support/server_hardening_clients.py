@@ -18,7 +18,7 @@ class Answer:
     """What the server sent before it closed the connection."""
 
     raw: bytes
-    closed_after: float  # seconds from the start of the read to the end of the stream
+    closed_at: float  # time.monotonic() when the server closed the connection
 
     @property
     def status(self) -> int | None:
@@ -72,7 +72,6 @@ class RawClient:
     async def answer(self, timeout: float) -> Answer:
         """Everything the server sends until it closes (fails if it has not within
         `timeout` seconds: the connection is being held open)."""
-        begun = time.monotonic()
         chunks = [self._read]
         self._read = b""
         async with asyncio.timeout(timeout):
@@ -84,7 +83,7 @@ class RawClient:
                 if not chunk:
                     break
                 chunks.append(chunk)
-        return Answer(b"".join(chunks), time.monotonic() - begun)
+        return Answer(b"".join(chunks), time.monotonic())
 
     async def is_open(self, wait: float = 0.05) -> bool:
         """True if the server has neither answered nor closed within `wait` seconds."""
@@ -102,9 +101,9 @@ class RawClient:
         """One response (with a Content-Length) on a connection that stays open."""
         async with asyncio.timeout(timeout):
             head = await self.reader.readuntil(b"\r\n\r\n")
-            answer = Answer(head, 0.0)
-            body = await self.reader.readexactly(int(answer.headers["content-length"]))
-        return Answer(head + body, 0.0)
+            length = int(Answer(head, 0.0).headers["content-length"])
+            body = await self.reader.readexactly(length)
+        return Answer(head + body, time.monotonic())
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
