@@ -200,6 +200,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # httptools, bounded against slow and greedy clients; given by reference, so that
         # the spawned worker processes of `--workers N` rebuild it
         "http": protocol_factory(ConnectionLimits.of(settings)),
+        "ws": "none",  # no WebSockets: an upgrade request is an ordinary request (404)
         "lifespan": "on",
         "access_log": False,
         "proxy_headers": False,  # the gateway never looks at the client's address
