@@ -86,14 +86,6 @@ class Settings(BaseSettings):
         default_factory=list, description="upstreams; none anywhere: the built-in demo"
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    auth_cache_seconds: float = Field(10.0, ge=0, description="how long a key lookup is reused")
-    channel_failures: int = Field(3, ge=1, description="consecutive failures before cool-down")
-    channel_cooldown_seconds: float = Field(30.0, ge=0)
-    upstream_connect_timeout: float = Field(10.0, gt=0)
-    upstream_timeout: float = Field(600.0, gt=0, description="per read from the upstream")
-    sweep_seconds: float = Field(30.0, gt=0, description="how often expired tickets are settled")
-    access_log: bool = True
-    graceful_shutdown_seconds: float = Field(30.0, ge=0)
     # what a client connection may take (quotagate/gateway/protocol.py)
     header_timeout: float = Field(
         10.0,
@@ -119,6 +111,14 @@ class Settings(BaseSettings):
         "connection is closed, or the new one gets 503 when all are busy (lowered to fit "
         "the process's descriptor limit)",
     )
+    auth_cache_seconds: float = Field(10.0, ge=0, description="how long a key lookup is reused")
+    channel_failures: int = Field(3, ge=1, description="consecutive failures before cool-down")
+    channel_cooldown_seconds: float = Field(30.0, ge=0)
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    upstream_timeout: float = Field(600.0, gt=0, description="per read from the upstream")
+    sweep_seconds: float = Field(30.0, gt=0, description="how often expired tickets are settled")
+    access_log: bool = True
+    graceful_shutdown_seconds: float = Field(30.0, ge=0)
 
     # -- Open WebUI (gateway mode, and the engine API the filters call) ------------------
     openwebui_roles: dict[str, str] = Field(

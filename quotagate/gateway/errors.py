@@ -61,6 +61,25 @@ def too_large(limit: int) -> ApiError:
     )
 
 
+#: what a GET route answers: HEAD too, as HTTP requires (uvicorn sends the headers, no body)
+READ_METHODS = ("GET", "HEAD")
+
+
+def wrong_method(method: str, path: str, route: str) -> ApiError:
+    """405 for a route served by `route` (``"POST"``, or ``"GET"`` with HEAD), with the
+    `Allow` header HTTP requires."""
+    error = method_not_allowed(method, path)
+    allowed = READ_METHODS if route == "GET" else (route,)
+    error.headers.append((b"allow", ", ".join(allowed).encode()))
+    return error
+
+
+def check_method(method: str, path: str, route: str) -> None:
+    """Refuse (405) any method the route does not serve."""
+    if method != route and not (method == "HEAD" and route == "GET"):
+        raise wrong_method(method, path, route)
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,
@@ -85,25 +104,7 @@ def not_found(path: str) -> ApiError:
     return ApiError(404, f"Unknown URL: {path}", "invalid_request_error", "unknown_url")
 
 
-def method_not_allowed(method: str, path: str, allowed: str) -> ApiError:
-    """405, with the `Allow` header HTTP requires (``allowed``: what the route answers)."""
+def method_not_allowed(method: str, path: str) -> ApiError:
     return ApiError(
-        405,
-        f"Method {method} is not allowed on {path} (allowed: {allowed}).",
-        "invalid_request_error",
-        "method_not_allowed",
-        headers=[(b"allow", allowed.encode())],
+        405, f"Method {method} is not allowed on {path}.", "invalid_request_error", None
     )
-
-
-#: what a GET route answers: HEAD too, as HTTP requires (uvicorn sends the headers, no body)
-READ_METHODS = ("GET", "HEAD")
-
-
-def check_method(method: str, path: str, route: str) -> None:
-    """Refuse (405) any method but the route's (``"GET"``, with HEAD, or ``"POST"``)."""
-    if route == "GET":
-        if method not in READ_METHODS:
-            raise method_not_allowed(method, path, ", ".join(READ_METHODS))
-    elif method != route:
-        raise method_not_allowed(method, path, route)
