@@ -40,10 +40,10 @@ from quotagate.gateway.errors import (
     ApiError,
     bad_request,
     check_method,
+    method_error,
     model_forbidden,
     model_not_found,
     not_found,
-    wrong_method,
 )
 from quotagate.gateway.observe import Metrics, log_access
 from quotagate.gateway.openwebui import OpenWebUIUsers
@@ -202,7 +202,7 @@ class Gateway:
             elif method not in READ_METHODS and (
                 path in _GET_ROUTES or path.startswith("/v1/models/")
             ):
-                raise wrong_method(method, path, "GET")
+                raise method_error(method, path, "GET")
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 status = await self._models(scope, send, entry, path[len("/v1/models/") :])
             elif path == "/healthz":

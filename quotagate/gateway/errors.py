@@ -65,7 +65,7 @@ def too_large(limit: int) -> ApiError:
 READ_METHODS = ("GET", "HEAD")
 
 
-def wrong_method(method: str, path: str, route: str) -> ApiError:
+def method_error(method: str, path: str, route: str) -> ApiError:
     """405 for a route served by `route` (``"POST"``, or ``"GET"`` with HEAD), with the
     `Allow` header HTTP requires."""
     error = method_not_allowed(method, path)
@@ -77,7 +77,7 @@ def wrong_method(method: str, path: str, route: str) -> ApiError:
 def check_method(method: str, path: str, route: str) -> None:
     """Refuse (405) any method the route does not serve."""
     if method != route and not (method == "HEAD" and route == "GET"):
-        raise wrong_method(method, path, route)
+        raise method_error(method, path, route)
 
 
 def model_not_found(model: str) -> ApiError:
