@@ -100,6 +100,31 @@ class Settings(BaseSettings):
         default_factory=list, description="upstreams; none anywhere: the built-in demo"
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # what a client connection may take (quotagate/gateway/protocol.py)
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds to send a request's line and headers, from connecting (or from "
+        "its first byte on a kept-alive connection): a silent connection is closed, a slow "
+        "one gets 408",
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="seconds to send a request's body after its headers, else 408"
+    )
+    keep_alive_timeout: int = Field(
+        30, ge=1, description="seconds an idle kept-alive connection stays open between requests"
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="request line and headers; larger get 431"
+    )
+    max_headers: int = Field(100, ge=8, description="header fields of a request; more get 431")
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="open client connections per worker process; beyond it the longest-idle "
+        "connection is closed, or the new one gets 503 when all are busy (lowered to fit "
+        "the process's descriptor limit)",
+    )
     auth_cache_seconds: float = Field(10.0, ge=0, description="how long a key lookup is reused")
     channel_failures: int = Field(3, ge=1, description="consecutive failures before cool-down")
     channel_cooldown_seconds: float = Field(30.0, ge=0)

@@ -38,9 +38,11 @@ from quotagate.gateway.auth import Authenticator
 from quotagate.gateway.channels import Channel, demo_channel, load_channels, sync_config_caps
 from quotagate.gateway.engine_api import QUOTA_PREFIX, QuotaApi
 from quotagate.gateway.errors import (
+    READ_METHODS,
     ApiError,
     bad_request,
-    method_not_allowed,
+    check_method,
+    method_error,
     model_forbidden,
     model_not_found,
     not_found,
@@ -60,6 +62,7 @@ _MODEL_ROUTES = {
     "/v1/completions": COMPLETIONS,
     "/v1/embeddings": EMBEDDINGS,
 }
+_GET_ROUTES = frozenset({"/v1/models", "/healthz", "/readyz", "/metrics"})
 _PROMETHEUS = b"text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -216,11 +219,12 @@ class Gateway:
             if self.settings.quota_api_only and (endpoint is not None or path == "/v1/models"):
                 raise quota_api_only(path)
             if endpoint is not None:
-                if method != "POST":
-                    raise method_not_allowed(method, path)
+                check_method(method, path, "POST")
                 status = await self._model_call(endpoint, scope, receive, send, entry, outcome)
-            elif method != "GET" and path in ("/v1/models", "/healthz", "/readyz", "/metrics"):
-                raise method_not_allowed(method, path)
+            elif method not in READ_METHODS and (
+                path in _GET_ROUTES or path.startswith("/v1/models/")
+            ):
+                raise method_error(method, path, "GET")
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 status = await self._models(scope, send, entry, path[len("/v1/models/") :])
             elif path == "/healthz":

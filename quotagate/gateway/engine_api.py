@@ -55,7 +55,7 @@ from quotagate.gateway.auth import Authenticator
 from quotagate.gateway.errors import (
     ApiError,
     bad_request,
-    method_not_allowed,
+    check_method,
     not_found,
     store_unavailable,
 )
@@ -240,8 +240,7 @@ class QuotaApi:
         method: str = scope["method"]
         name = path[len(QUOTA_PREFIX) :]
         if name == "openapi.json":
-            if method != "GET":
-                raise method_not_allowed(method, path)
+            check_method(method, path, "GET")
             if self._openapi is None:
                 self._openapi = orjson.dumps(openapi())
             await respond(send, 200, self._openapi)
@@ -255,8 +254,7 @@ class QuotaApi:
         }
         if name not in routes:
             raise not_found(path)
-        if method != routes[name]:
-            raise method_not_allowed(method, path)
+        check_method(method, path, routes[name])
         headers = header_map(scope)
         key = self._key(headers)
         entry["key"] = key.id

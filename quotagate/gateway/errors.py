@@ -67,6 +67,25 @@ def too_large(limit: int) -> ApiError:
     )
 
 
+#: what a GET route answers: HEAD too, as HTTP requires (uvicorn sends the headers, no body)
+READ_METHODS = ("GET", "HEAD")
+
+
+def method_error(method: str, path: str, route: str) -> ApiError:
+    """405 for a route served by `route` (``"POST"``, or ``"GET"`` with HEAD), with the
+    `Allow` header HTTP requires."""
+    error = method_not_allowed(method, path)
+    allowed = READ_METHODS if route == "GET" else (route,)
+    error.headers.append((b"allow", ", ".join(allowed).encode()))
+    return error
+
+
+def check_method(method: str, path: str, route: str) -> None:
+    """Refuse (405) any method the route does not serve."""
+    if method != route and not (method == "HEAD" and route == "GET"):
+        raise method_error(method, path, route)
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from quotagate.config import Settings
 from quotagate.engine import Engine
@@ -203,13 +204,26 @@ def serve(settings: Settings, host: str, port: int, workers: int = 1) -> None:
         host=host,
         port=port,
         workers=workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        proxy_headers=False,  # the gateway never looks at the client's address
-        log_level="warning",
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_seconds),
-        timeout_keep_alive=30,
-        backlog=4096,
+        **uvicorn_options(settings),
     )
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn runs the gateway: `serve` and the tests' harness both start it with
+    these, so what is tested is what is served."""
+    from quotagate.gateway.protocol import ConnectionLimits, protocol_factory
+
+    return {
+        "loop": "uvloop",
+        # httptools, bounded against slow and greedy clients; given by reference, so that
+        # the spawned worker processes of `--workers N` rebuild it
+        "http": protocol_factory(ConnectionLimits.of(settings)),
+        "ws": "none",  # no WebSockets: an upgrade request is an ordinary request (404)
+        "lifespan": "on",
+        "access_log": False,
+        "proxy_headers": False,  # the gateway never looks at the client's address
+        "log_level": "warning",
+        "timeout_graceful_shutdown": int(settings.graceful_shutdown_seconds),
+        "timeout_keep_alive": settings.keep_alive_timeout,
+        "backlog": 4096,
+    }

@@ -1,5 +1,6 @@
-"""Run the real gateway on loopback for tests: uvicorn (uvloop + httptools, as `serve` runs
-it) in a background thread, on a port the OS picked, over a SQLite file of its own.
+"""Run the real gateway on loopback for tests: uvicorn with the options `serve` runs it with
+(uvloop, httptools bounded by quotagate/gateway/protocol.py) in a background thread, on a port
+the OS picked, over a SQLite file of its own.
 
 The test talks to it over HTTP (the `openai` SDK, httpx) and reads the ledger through a
 second SQLite connection, as another process would. Time is a :class:`MovableClock` the
@@ -28,6 +29,7 @@ import uvicorn
 from quotagate.config import ChannelConfig, Settings
 from quotagate.engine import Engine
 from quotagate.gateway import Gateway
+from quotagate.gateway.server import uvicorn_options
 from quotagate.store.base import EventQuery, UsageEvent
 from quotagate.store.catalog import Catalog
 from quotagate.store.factory import _sqlite_pragmas
@@ -164,18 +166,11 @@ def running_gateway(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])
-    server = uvicorn.Server(
-        uvicorn.Config(
-            gateway,
-            loop="uvloop",
-            http="httptools",
-            lifespan="on",
-            log_level="critical",
-            access_log=False,
-            timeout_graceful_shutdown=max(1, int(graceful)),
-            timeout_keep_alive=30,
-        )
-    )
+    options = uvicorn_options(config) | {
+        "log_level": "critical",
+        "timeout_graceful_shutdown": max(1, int(graceful)),
+    }
+    server = uvicorn.Server(uvicorn.Config(gateway, **options))
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name=f"gateway-{port}", daemon=True
     )
