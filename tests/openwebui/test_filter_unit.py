@@ -369,7 +369,7 @@ async def test_tool_call_rounds_add_up(filt: Any, gw: RunningGateway) -> None:
 
 async def test_refusal_raises_a_message_a_person_understands(filt: Any, gw: RunningGateway) -> None:
     gw.limit(Scope.USER, "u-bob", Metric.TOKENS, "day", 40)
-    used = Chat(filt, who=user("u-bob"), max_tokens=10)
+    used = Chat(filt, who=user("u-bob"), max_tokens=30)
     await run(_api_flow(used, 30))
     chat = Chat(filt, who=user("u-bob"), max_tokens=50, ui=True)
     with pytest.raises(Exception) as refused:
@@ -401,7 +401,7 @@ async def test_the_filter_says_what_the_gateway_says(tmp_path: Path) -> None:
             service_key=gw.key("openwebui", trusted_openwebui=True),
             send_groups=False,
         )
-        await run(_api_flow(Chat(filt, who=user("u-dora"), max_tokens=10), 30))
+        await run(_api_flow(Chat(filt, who=user("u-dora"), max_tokens=30), 30))
         with pytest.raises(Exception) as refused:
             await run(Chat(filt, who=user("u-dora"), max_tokens=50).inlet())
         answer = gw.http.post(
@@ -576,7 +576,8 @@ async def _api_flow_unlinked(chat: Chat) -> None:
 
 async def test_status_line_and_threshold_warning(filt: Any, gw: RunningGateway) -> None:
     gw.limit(Scope.USER, "u-dora", Metric.TOKENS, "day", 1_000)
-    chat = Chat(filt, who=user("u-dora"), ui=True, stream=True)
+    # each chat's max_tokens covers what it reports: over-reported usage would be capped
+    chat = Chat(filt, who=user("u-dora"), ui=True, stream=True, max_tokens=100)
 
     async def flow(c: Chat, completion: int) -> None:
         await c.inlet()
@@ -593,7 +594,7 @@ async def test_status_line_and_threshold_warning(filt: Any, gw: RunningGateway) 
     done = [e["data"]["done"] for e in chat.emitted if e["type"] == "status"]
     assert done == [False, True]
 
-    heavy = Chat(filt, who=user("u-dora"), ui=True, stream=True)
+    heavy = Chat(filt, who=user("u-dora"), ui=True, stream=True, max_tokens=750)
     await run(flow(heavy, 750))  # crosses 80 %
     warnings = [e for e in heavy.emitted if e["type"] == "notification"]
     [warning] = warnings
