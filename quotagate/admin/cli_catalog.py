@@ -143,12 +143,8 @@ def limits_set(
         if scope is Scope.USER:
             target = user_id(engine, target)
         _check_subject(ctx, engine, scope, target)
-        if scope is Scope.USER and engine.catalog.user(target) is None:
-            notice(
-                f"no user has the id or email {target!r} yet: the limit binds a user of "
-                "that id once one appears (Open WebUI's users: their id, or their email "
-                "after their first chat; see `quotagate users list`)"
-            )
+        if scope is Scope.USER:
+            _note_if_unknown(engine, target, "the limit binds")
         limit = engine.catalog.set_limit(
             scope,
             target,
@@ -259,6 +255,20 @@ def users_list(
     out.print(table("Users", ("user", "role", "groups", "email"), rows))
 
 
+def _note_if_unknown(engine: Engine, target: str, what: str) -> None:
+    """Say so when `target` is nobody yet: an Open WebUI person is known by a UUID, and by
+    their email only after their first chat, so an email nobody has becomes a user of
+    that id, who is not the person the admin meant. (An id that cannot be one is refused
+    first, without the note.)"""
+    check_name(target, "user id")
+    if engine.catalog.user(target) is None:
+        notice(
+            f"no user has the id or email {target!r} yet: {what} a user of that id once "
+            "one appears (Open WebUI's users: their id, or their email after their first "
+            "chat; see `quotagate users list`)"
+        )
+
+
 @users_app.command("set-role")
 def users_set_role(
     ctx: typer.Context,
@@ -279,7 +289,9 @@ def users_set_role(
     if role is not None:
         _check_name(role, "role")
     with opened(ctx) as engine:
-        found = engine.catalog.set_role(user_id(engine, user), role)
+        target = user_id(engine, user)
+        _note_if_unknown(engine, target, "the role is given to")
+        found = engine.catalog.set_role(target, role)
     if role is None:
         done(f"user {found.id} has role {found.role}; it follows Open WebUI's from their next chat")
     else:
@@ -295,7 +307,9 @@ def users_add_group(
     """Add a user to a credit group: its grants add to the user's allowance. The
     membership stays whatever Open WebUI's groups say."""
     with opened(ctx) as engine:
-        found = engine.catalog.add_member(user_id(engine, user), group)
+        target = user_id(engine, user)
+        _note_if_unknown(engine, target, "the group is given to")
+        found = engine.catalog.add_member(target, group)
     done(f"user {found.id} is in {', '.join(found.groups)}")
 
 

@@ -133,12 +133,12 @@ def price_from_record(record: Any, effective_from: datetime | None = None) -> Pr
             model=str(record["id"]),
             provider=str(record.get("provider", "")),
             name=str(record.get("name", record["id"])),
-            input_credits=_decimal(record["input_cost_credits"]),
+            input_credits=_decimal(record["input_cost_credits"], "input_cost_credits"),
             per_input_tokens=_per(record, "per_input_tokens"),
-            output_credits=_decimal(record["output_cost_credits"]),
+            output_credits=_decimal(record["output_cost_credits"], "output_cost_credits"),
             per_output_tokens=_per(record, "per_output_tokens"),
             cached_credits=(
-                _decimal(record["cached_cost_credits"])
+                _decimal(record["cached_cost_credits"], "cached_cost_credits")
                 if record.get("cached_cost_credits") is not None
                 else None
             ),
@@ -185,7 +185,7 @@ def _per(record: dict[str, Any], field: str) -> int:
     """A "per N tokens" field: a positive whole number (1e6 and "1000000" are fine, 1.5 is
     a typo that `int()` would silently turn into 1)."""
     value = record.get(field, 1_000_000)
-    number = _decimal(value)
+    number = _decimal(value, field)
     if number != number.to_integral_value() or number <= 0:
         raise InvalidInput(f"{field} must be a positive whole number, got {value!r}")
     return int(number)
@@ -211,12 +211,17 @@ def _check_credits(value: Any, per: int, field: str) -> None:
         raise InvalidInput(f"{field} has too many digits: {number} (at most {PRICE_DIGITS})")
 
 
-def _decimal(value: Any) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
-        raise InvalidInput(f"not a number: {value!r}")
-    result = Decimal(str(value))
-    if not result.is_finite() or result < 0:
-        raise InvalidInput(f"price must be a non-negative number, got {value!r}")
+def _decimal(value: Any, field: str) -> Decimal:
+    """`value` of the price entry's `field` as a Decimal; a number in text is fine, other
+    text is refused naming the field (Decimal's own error names only its internals)."""
+    result: Decimal | None = None
+    if not isinstance(value, bool) and isinstance(value, int | float | str | Decimal):
+        try:
+            result = Decimal(str(value))
+        except ArithmeticError:
+            result = None
+    if result is None or not result.is_finite() or result < 0:
+        raise InvalidInput(f"{field} must be a non-negative number, got {value!r}")
     return result
 
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from quotagate.config import Settings
-from quotagate.core.errors import InvalidInput
+from quotagate.core.errors import InvalidInput, StoreUnavailable
 from quotagate.core.policy import User
 from quotagate.core.text import MAX_NAME, check_name, printable
 from quotagate.engine import Engine
-from quotagate.gateway.errors import ApiError
+from quotagate.gateway.errors import ApiError, store_unavailable
 from quotagate.store.catalog import ApiKey
 
 USER_ID = b"x-openwebui-user-id"
@@ -176,7 +176,9 @@ class OpenWebUIUsers:
         """(user id, role for a first-seen user) a gateway request is charged to.
 
         Only a key marked ``trusted_openwebui`` may name someone else; without forwarded
-        headers (or for an exempted task) the key's own user pays.
+        headers (or for an exempted task) the key's own user pays. A person whose catalog
+        write cannot reach the store within `store_timeout` is the same 503
+        ``store_unavailable`` as any request that cannot (the quota API says it itself).
         """
         if not key.trusted_openwebui:
             return key.user_id, None
@@ -185,4 +187,7 @@ class OpenWebUIUsers:
             return key.user_id, None
         if self.settings.openwebui_tasks == "key" and self.task(headers):
             return key.user_id, None
-        return person.id, await self.sync(person)
+        try:
+            return person.id, await self.sync(person)
+        except StoreUnavailable as exc:
+            raise store_unavailable(exc, self.settings.store_timeout) from None
