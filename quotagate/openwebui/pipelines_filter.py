@@ -9,8 +9,8 @@ description: Per-person token quotas from QuotaGate, as a filter of the Open Web
 # Drop this file into the Pipelines server's pipelines directory (or upload it in Admin →
 # Settings → Pipelines). Configure it with environment variables of the Pipelines server
 # (QUOTAGATE_URL, QUOTAGATE_SERVICE_KEY, QUOTAGATE_FAIL_OPEN, QUOTAGATE_EXEMPT_ROLES,
-# QUOTAGATE_TIMEOUT) or its valves. Standard library plus pydantic (which the Pipelines
-# server ships) only.
+# QUOTAGATE_TIMEOUT, QUOTAGATE_REFUSAL_MODEL) or its valves. Standard library plus pydantic
+# (which the Pipelines server ships) only.
 #
 # Open WebUI calls POST /{id}/filter/inlet before the model call and /{id}/filter/outlet
 # after it, each with {"user": {...}, "body": {...}}. Unlike a Function, a Pipelines filter
@@ -22,6 +22,9 @@ description: Per-person token quotas from QuotaGate, as a filter of the Open Web
 #   its text when the upstream reported none;
 # * Open WebUI's background tasks (titles, tags, follow-ups) reach inlet but never outlet:
 #   they are let through uncounted (gateway mode counts them);
+# * a refusal is an HTTP error (Open WebUI shows only its reason phrase) — or, with the
+#   `refusal_model` valve naming the companion pipe (pipelines_refusal.py), a web UI turn
+#   pointed at that pipe, which answers QuotaGate's message as the reply;
 # * when no outlet comes (stop, upstream error) or it reaches another replica, the ticket's
 #   lease expires and QuotaGate's sweeper settles it (charged at its reservation, or
 #   released, as QuotaGate's on_expiry says).
