@@ -15,7 +15,9 @@ What it proves: that client keeps nothing of a Pipelines error answer but its st
 reason phrase, so a refusal must say it with its status — 429, "Too Many Requests" to the
 web UI and HTTP 429 to API clients — not as the 500 "Internal Server Error" a raised
 exception becomes; and an admitted API stream reaches the model without a usage request
-the client never made.
+the client never made. And the way around it (test_the_refusal_pipe_...): after a 200 inlet
+Open WebUI calls the model the returned body names, so the opt-in refusal pipe makes the
+web UI's reply QuotaGate's own message, without calling any model.
 """
 
 from __future__ import annotations
@@ -235,13 +237,19 @@ async def test_the_refusal_pipe_shows_quotagates_message_in_a_real_open_webui(
                 models = {m["id"]: m for m in admin.models()}
                 assert models["quotagate-refusal"]["pipeline"]["type"] == "pipe"
                 admin.create_public_model("demo-model")
+                bob = admin.add_user("Bob", "bob@example.org", "pw-123456")
+            gw.limit(Scope.USER, bob.id, Metric.TOKENS, "day", 5)
+            with owui.client(bob.token) as client:
+                # the pipe's model not yet public: Open WebUI's access check on the model the
+                # inlet switched to refuses, and still nothing is called
+                before = client.ui_chat_wait(client.ui_chat_start("demo-model", "hi"))
+                assert before["error"] == {"content": "Model not found"}, before
+            with owui.client(first.token) as admin:
                 # the admin's one step: Admin → Settings → Models → QuotaGate notices →
-                # Public, and hidden from the model selector
+                # public, and hidden from the model selector
                 admin.create_public_model(
                     "quotagate-refusal", name="QuotaGate notices", meta={"hidden": True}
                 )
-                bob = admin.add_user("Bob", "bob@example.org", "pw-123456")
-            gw.limit(Scope.USER, bob.id, Metric.TOKENS, "day", 5)
             with owui.client(bob.token) as client:
                 tasks = {"tags_generation": True, "follow_up_generation": True}
                 chat = client.ui_chat_start("demo-model", "hi", background_tasks=tasks)
