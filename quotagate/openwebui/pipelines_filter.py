@@ -590,7 +590,8 @@ class Pipeline:
         refusal_model: str = Field(
             default_factory=lambda: os.getenv("QUOTAGATE_REFUSAL_MODEL", ""),
             description="The companion pipe's id (quotagate-refusal): the web UI shows "
-            "refusals as its reply. Empty: a refusal is an HTTP error",
+            "refusals as its reply. Only ever that pipe: calls of this model are not "
+            "counted. Empty: a refusal is an HTTP error",
         )
 
     def __init__(self) -> None:
