@@ -1,10 +1,10 @@
-"""``python -m quotagate.openwebui function|pipeline``: print a filter file to install."""
+"""``python -m quotagate.openwebui function|pipeline|refusal-pipe``: print a file to install."""
 
 from __future__ import annotations
 
 import sys
 
-from quotagate.openwebui import function_source, pipeline_source
+from quotagate.openwebui import function_source, pipeline_source, refusal_pipe_source
 
 
 def main(argv: list[str]) -> int:
@@ -14,7 +14,10 @@ def main(argv: list[str]) -> int:
     if argv == ["pipeline"]:
         sys.stdout.write(pipeline_source())
         return 0
-    print("usage: python -m quotagate.openwebui function|pipeline", file=sys.stderr)
+    if argv == ["refusal-pipe"]:
+        sys.stdout.write(refusal_pipe_source())
+        return 0
+    print("usage: python -m quotagate.openwebui function|pipeline|refusal-pipe", file=sys.stderr)
     return 2
 
 

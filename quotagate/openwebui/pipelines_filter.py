@@ -9,8 +9,8 @@ description: Per-person token quotas from QuotaGate, as a filter of the Open Web
 # Drop this file into the Pipelines server's pipelines directory (or upload it in Admin →
 # Settings → Pipelines). Configure it with environment variables of the Pipelines server
 # (QUOTAGATE_URL, QUOTAGATE_SERVICE_KEY, QUOTAGATE_FAIL_OPEN, QUOTAGATE_EXEMPT_ROLES,
-# QUOTAGATE_TIMEOUT) or its valves. Standard library plus pydantic (which the Pipelines
-# server ships) only.
+# QUOTAGATE_TIMEOUT, QUOTAGATE_REFUSAL_MODEL) or its valves. Standard library plus pydantic
+# (which the Pipelines server ships) only.
 #
 # Open WebUI calls POST /{id}/filter/inlet before the model call and /{id}/filter/outlet
 # after it, each with {"user": {...}, "body": {...}}. Unlike a Function, a Pipelines filter
@@ -22,6 +22,9 @@ description: Per-person token quotas from QuotaGate, as a filter of the Open Web
 #   its text when the upstream reported none;
 # * Open WebUI's background tasks (titles, tags, follow-ups) reach inlet but never outlet:
 #   they are let through uncounted (gateway mode counts them);
+# * a refusal is an HTTP error (Open WebUI shows only its reason phrase) — or, with the
+#   `refusal_model` valve naming the companion pipe (pipelines_refusal.py), a web UI turn
+#   pointed at that pipe, which answers QuotaGate's message as the reply;
 # * when no outlet comes (stop, upstream error) or it reaches another replica, the ticket's
 #   lease expires and QuotaGate's sweeper settles it (charged at its reservation, or
 #   released, as QuotaGate's on_expiry says).
@@ -545,6 +548,27 @@ def _refuse(status: int, message: str) -> Any:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+#: the body field the refusal text rides in to the companion pipe (pipelines_refusal.py)
+QG_REFUSAL_FIELD = "quotagate_refusal"
+
+
+def _refusal_reply(body: dict[str, Any], refusal_model: str, message: str) -> dict[str, Any]:
+    """A web UI chat QuotaGate refused, pointed at the companion pipe that answers `message`.
+
+    Open WebUI 0.12.4 routes the call to the `model` of the body a filter's inlet returns
+    (utils/chat.py looks it up again), so the reply the person reads is the refusal and no
+    model is called. Only what the rest of the request path needs is kept: the person's
+    messages, files, tools and features go nowhere.
+    """
+    return {
+        "model": refusal_model,
+        "stream": bool(body.get("stream")),
+        "messages": [{"role": "user", "content": "(refused by QuotaGate)"}],
+        "metadata": body.get("metadata") or {},
+        QG_REFUSAL_FIELD: message,
+    }
+
+
 class Pipeline:
     class Valves(BaseModel):
         pipelines: list[str] = Field(
@@ -563,6 +587,12 @@ class Pipeline:
         link_seconds: float = Field(
             default=900.0, description="How long an admitted request waits for its outlet"
         )
+        refusal_model: str = Field(
+            default_factory=lambda: os.getenv("QUOTAGATE_REFUSAL_MODEL", ""),
+            description="The companion pipe's id (quotagate-refusal): the web UI shows "
+            "refusals as its reply. Only ever that pipe: calls of this model are not "
+            "counted. Empty: a refusal is an HTTP error",
+        )
 
     def __init__(self) -> None:
         self.type = "filter"
@@ -571,12 +601,15 @@ class Pipeline:
         self.valves = self.Valves()
         # inlet -> outlet links of requests in flight (tickets, not quota: QuotaGate has those)
         self._open: dict[tuple[str, str, str], list[tuple[float, dict[str, Any]]]] = {}
+        # web UI chats whose last turn the refusal pipe answered (their tasks go there too)
+        self._refusals: dict[tuple[str, str], tuple[float, str]] = {}
 
     async def on_startup(self) -> None:
         QG_LOG.info("QuotaGate filter for %s", self.valves.quotagate_url)
 
     async def on_shutdown(self) -> None:
         self._open.clear()
+        self._refusals.clear()
 
     async def on_valves_updated(self) -> None:
         pass
@@ -589,22 +622,36 @@ class Pipeline:
             return body
         raw = body.get("metadata")
         meta: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        refusal_model = self.valves.refusal_model.strip()
+        chat = (str(person["id"]), str(meta.get("chat_id") or ""))
         if meta.get("task"):
-            return body  # a background task: Open WebUI calls no outlet for it
+            # a background task: Open WebUI calls no outlet for it, so it is let through
+            # uncounted — except the follow-ups and tags Open WebUI asks for once the refusal
+            # pipe answered a turn of the chat (their metadata is the chat's, without the
+            # message id): they would call the model the person may not use
+            refused = self._refusals.get(chat) if refusal_model else None
+            if refused and refused[0] >= time.monotonic():
+                return _refusal_reply(body, refusal_model, refused[1])
+            return body
+        if refusal_model and body.get("model") == refusal_model:
+            return body  # the companion pipe calls no model: nothing to count
+        ui_path = bool(meta.get("session_id") and meta.get("chat_id"))
         try:
             answer = await qg_admit(self.valves, person, body, None)
         except QuotaGateRefused as refused:
-            return _refuse(refused.status, str(refused))
+            return self._refused(body, chat if ui_path else None, refused.status, str(refused))
         except QuotaGateUnavailable as down:
             QG_LOG.error("QuotaGate: %s", down)
             if self.valves.fail_open:
                 return body
-            return _refuse(
+            return self._refused(
+                body,
+                chat if ui_path else None,
                 503,
                 "QuotaGate, which keeps track of chat quotas, cannot be reached right now. "
                 "Please try again in a moment.",
             )
-        ui_path = bool(meta.get("session_id") and meta.get("chat_id"))
+        self._refusals.pop(chat, None)  # admitted: this turn's tasks are the person's again
         client_usage = qg_client_asked_usage(body)
         options = body.get("stream_options")
         qg_clamp(body, int(answer["max_tokens"]))
@@ -643,6 +690,18 @@ class Pipeline:
         except QuotaGateUnavailable as down:
             QG_LOG.error("QuotaGate: ticket %s left to its lease: %s", state["ticket"], down)
         return body
+
+    def _refused(self, body: dict, chat: tuple[str, str] | None, status: int, message: str) -> Any:
+        """A web UI turn is answered by the companion pipe when one is set (the person
+        reads `message`); API clients, and everyone without the pipe, get the HTTP error."""
+        refusal_model = self.valves.refusal_model.strip()
+        if not refusal_model or chat is None:
+            return _refuse(status, message)
+        now = time.monotonic()
+        for key in [k for k, (until, _) in self._refusals.items() if until < now]:
+            del self._refusals[key]
+        self._refusals[chat] = (now + self.valves.link_seconds, message)
+        return _refusal_reply(body, refusal_model, message)
 
     def _take(self, user_id: str, body: dict) -> dict[str, Any] | None:
         """The request this outlet belongs to: by chat and message id, else oldest first."""

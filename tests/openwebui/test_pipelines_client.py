@@ -15,7 +15,9 @@ What it proves: that client keeps nothing of a Pipelines error answer but its st
 reason phrase, so a refusal must say it with its status — 429, "Too Many Requests" to the
 web UI and HTTP 429 to API clients — not as the 500 "Internal Server Error" a raised
 exception becomes; and an admitted API stream reaches the model without a usage request
-the client never made.
+the client never made. And the way around it (test_the_refusal_pipe_...): after a 200 inlet
+Open WebUI calls the model the returned body names, so the opt-in refusal pipe makes the
+web UI's reply QuotaGate's own message, without calling any model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,5 +191,91 @@ async def test_a_refused_person_in_a_real_open_webui(
                     assert (r.status_code, r.json()) == (429, {"detail": "Too Many Requests"})
                 reply = client.ui_chat_wait(client.ui_chat_start("demo-model", "hi"))
                 assert reply["error"] == {"content": "Too Many Requests"}
+        assert upstream.requests == []  # the model was never called
+    assert await gw.pending() == 0
+
+
+@pytest.fixture
+def server_with_refusals(
+    gw: RunningGateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[PipelinesServer]:
+    """The filter with its opt-in companion pipe, as docs/openwebui.md installs them."""
+    from quotagate.openwebui import (
+        PIPELINE_FILE,
+        REFUSAL_PIPE_FILE,
+        pipeline_source,
+        refusal_pipe_source,
+    )
+
+    directory = tmp_path / "pipelines"
+    directory.mkdir()
+    (directory / PIPELINE_FILE).write_text(pipeline_source())
+    (directory / REFUSAL_PIPE_FILE).write_text(refusal_pipe_source())
+    monkeypatch.setenv("QUOTAGATE_URL", gw.root_url)
+    monkeypatch.setenv("QUOTAGATE_SERVICE_KEY", gw.key("openwebui", trusted_openwebui=True))
+    monkeypatch.setenv("QUOTAGATE_REFUSAL_MODEL", "quotagate-refusal")
+    with running_pipelines(directory) as running:
+        yield running
+
+
+async def test_the_refusal_pipe_shows_quotagates_message_in_a_real_open_webui(
+    server_with_refusals: PipelinesServer, gw: RunningGateway, tmp_path: Path
+) -> None:
+    """With the companion pipe, the web UI's reply IS QuotaGate's refusal: Open WebUI
+    0.12.4 routes the call to the model the 200 inlet names (utils/chat.py looks
+    `form_data["model"]` up again), checks that model's access (the admin made it public
+    and hidden once, as the docs say), and the pipe answers the text. No model is called,
+    nothing is charged, and API clients still get HTTP 429."""
+    with running_upstream() as upstream:
+        env = {
+            "OPENAI_API_BASE_URLS": f"{upstream.base_url};{server_with_refusals.url}",
+            "OPENAI_API_KEYS": "sk-upstream;0p3n-w3bu!",
+        }
+        with run_openwebui(upstream.base_url, tmp_path / "owui", extra_env=env) as owui:
+            first = owui.client().signup("Admin", "admin@example.org", "pw-123456")
+            with owui.client(first.token) as admin:
+                models = {m["id"]: m for m in admin.models()}
+                assert models["quotagate-refusal"]["pipeline"]["type"] == "pipe"
+                admin.create_public_model("demo-model")
+                bob = admin.add_user("Bob", "bob@example.org", "pw-123456")
+            gw.limit(Scope.USER, bob.id, Metric.TOKENS, "day", 5)
+            with owui.client(bob.token) as client:
+                # the pipe's model not yet public: Open WebUI's access check on the model the
+                # inlet switched to refuses, and still nothing is called
+                before = client.ui_chat_wait(client.ui_chat_start("demo-model", "hi"))
+                assert before["error"] == {"content": "Model not found"}, before
+            with owui.client(first.token) as admin:
+                # the admin's one step: Admin → Settings → Models → QuotaGate notices →
+                # public, and hidden from the model selector
+                admin.create_public_model(
+                    "quotagate-refusal", name="QuotaGate notices", meta={"hidden": True}
+                )
+            with owui.client(bob.token) as client:
+                tasks = {"tags_generation": True, "follow_up_generation": True}
+                chat = client.ui_chat_start("demo-model", "hi", background_tasks=tasks)
+                reply = client.ui_chat_wait(chat)
+                assert not reply.get("error"), reply
+                # QuotaGate's own words (core/explain.py), in the limit's timezone
+                text = reply["content"]
+                assert text.startswith("This request does not fit in your daily token allowance")
+                assert "0 of 5 tokens used" in text and "Europe/Berlin" in text, text
+                api = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]}
+                for stream in (False, True):
+                    r = client.raw("POST", "/api/chat/completions", {**api, "stream": stream})
+                    assert (r.status_code, r.json()) == (429, {"detail": "Too Many Requests"})
+                # the follow-ups and tags Open WebUI asks for after that reply reach the
+                # filter as tasks of the same turn: the pipe answers them too (no JSON, so
+                # none are shown) instead of the model
+                deadline = time.monotonic() + 60
+                while len(server_with_refusals.completions) < 3:  # the reply and both tasks
+                    assert time.monotonic() < deadline, server_with_refusals.completions
+                    time.sleep(0.2)
+                answered = [c["model"] for c in server_with_refusals.completions]
+                assert answered == ["quotagate-refusal"] * 3
+                # picked by hand, the pipe only points elsewhere (and calls nothing)
+                direct = {**api, "model": "quotagate-refusal", "stream": False}
+                r = client.raw("POST", "/api/chat/completions", direct)
+                assert r.status_code == 200, r.text
+                assert "pick another model" in r.json()["choices"][0]["message"]["content"]
         assert upstream.requests == []  # the model was never called
     assert await gw.pending() == 0
