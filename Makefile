@@ -29,8 +29,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# PostgreSQL (127.0.0.1:5432), on which the migrations are tested (no test needs Redis yet):
-# started if it is installed but down, a clear error if it cannot be reached.
+# PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379), which the shared-store tests use:
+# each started if it is installed but down, a clear error (and a failed run) if it cannot be.
 services:
 	@if ! pg_isready -q -h 127.0.0.1 2>/dev/null; then \
 		echo "PostgreSQL is down: starting it"; \
@@ -43,6 +43,23 @@ services:
 			exit 1; \
 		fi; \
 	fi
+	@if ! redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then \
+		echo "Redis is down: starting it"; \
+		mkdir -p /var/lib/redis /var/log/redis 2>/dev/null; \
+		redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+			--dir /var/lib/redis --logfile /var/log/redis/ci.log || true; \
+		for i in 1 2 3 4 5 6 7 8 9 10; do \
+			redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG && break; sleep 1; done; \
+		if ! redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; then \
+			echo "error: Redis is not answering on 127.0.0.1:6379;" \
+				"install and start redis-server to run the tests" >&2; \
+			exit 1; \
+		fi; \
+	fi
+	@command -v spin >/dev/null 2>&1 || { echo "spin (the model checker) is missing: installing it"; \
+		apt-get install -y -q spin >/dev/null 2>&1 || true; }
+	@command -v spin >/dev/null 2>&1 || { echo "error: spin is not installed (apt-get install spin);" \
+		"the test suite model-checks the store protocol with it" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -92,6 +92,39 @@ class Settings(BaseSettings):
         "write lock, say) before it fails with StoreUnavailable: HTTP 503 store_unavailable",
     )
 
+    # -- shared stores (PostgreSQL, Redis) ----------------------------------------------
+    counter_url: str | None = Field(
+        None,
+        description="redis://, rediss:// or redis+sentinel://host:port[,host:port]/service: "
+        "counters and tickets in Redis, the ledger and catalog in database_url (PostgreSQL); "
+        "unset: counters live in database_url too",
+    )
+    counter_prefix: str = Field(
+        "qg",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="prefix of every Redis key; also its Cluster hash tag",
+    )
+    store_down: Literal["refuse", "local"] = Field(
+        "refuse",
+        description="with Redis unreachable: refuse (503 store_unavailable) or count in this "
+        "process (seeded from the last known values, merged back when Redis returns)",
+    )
+    spool_dir: str = Field(
+        "quotagate-spool",
+        description="where ledger rows wait on local disk until PostgreSQL has them",
+    )
+    spool_fsync: bool = Field(
+        False,
+        description="fsync the spool before a settle returns: survives a machine crash, "
+        "not only a process crash, at the cost of one fsync per batch",
+    )
+    ledger_batch_rows: int = Field(1000, ge=1, description="ledger rows per PostgreSQL write")
+    ledger_flush_seconds: float = Field(
+        0.05, gt=0, description="longest a settled row waits in the spool before it is sent"
+    )
+
     # -- gateway (`quotagate serve`) ---------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
