@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379), which the shared-store tests use:
-# each started if it is installed but down, a clear error (and a failed run) if it cannot be.
+# PostgreSQL (127.0.0.1:5432), on which the migrations are tested, and Redis (127.0.0.1:6379),
+# for the shared-store tests: each started if it is installed but down, a clear error (and a
+# failed run) if it cannot be.
 services:
 	@if ! pg_isready -q -h 127.0.0.1 2>/dev/null; then \
 		echo "PostgreSQL is down: starting it"; \
@@ -56,10 +57,6 @@ services:
 			exit 1; \
 		fi; \
 	fi
-	@command -v spin >/dev/null 2>&1 || { echo "spin (the model checker) is missing: installing it"; \
-		apt-get install -y -q spin >/dev/null 2>&1 || true; }
-	@command -v spin >/dev/null 2>&1 || { echo "error: spin is not installed (apt-get install spin);" \
-		"the test suite model-checks the store protocol with it" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -125,6 +125,18 @@ class Settings(BaseSettings):
         0.05, gt=0, description="longest a settled row waits in the spool before it is sent"
     )
 
+    @field_validator("counter_url")
+    @classmethod
+    def _counter_store_built(cls, value: str | None) -> str | None:
+        # The Redis counter store is not built yet (issue 9): refuse the setting loudly
+        # rather than keep counters in database_url while the operator believes otherwise.
+        if value is not None:
+            raise ValueError(
+                "counters in Redis are not available in this version yet; "
+                "unset counter_url (counters live in database_url)"
+            )
+        return value
+
     # -- gateway (`quotagate serve`) ---------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -757,3 +757,19 @@ def test_usage_tables_never_shorten_a_figure(
     if width >= 80:  # room for every figure on one line
         assert f"{events[0].prompt_tokens:,}" in text
         assert f"{events[0].total_tokens:,}" in text
+
+
+def test_a_counter_url_is_refused_while_counters_in_redis_are_not_built(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator who points counter_url at Redis must not get counters silently kept in
+    the SQLite file instead: one `error:` line, a non-zero exit, and nothing written."""
+    before = snapshot(db)
+    monkeypatch.setenv("QUOTAGATE_COUNTER_URL", "redis://127.0.0.1:6379/0")
+    result = cli(db, "limits", "set", "--user", "alice", "--window", "day", "10")
+    assert result.exit_code != 0
+    assert result.stderr.startswith("error: ")
+    assert "counter_url" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    monkeypatch.delenv("QUOTAGATE_COUNTER_URL")
+    assert snapshot(db) == before
